@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/machineservice/machineservice/internal/bus"
+	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/stats"
+	"github.com/machineservice/machineservice/wire"
+)
+
+// devKeyLifetime is how long a generated development key is announced as
+// valid.
+const devKeyLifetime = 90 * 24 * time.Hour
+
+// certificateInterval is how often the server key is announced again.
+const certificateInterval = 48 * time.Hour
+
+func serve(args []string, stderr io.Writer) error {
+	cfg, err := config.Load(args, os.Getenv)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+
+	key, obtained, expires, err := serverKey(cfg, log)
+	if err != nil {
+		return err
+	}
+	ctrl, err := builtinController(cfg, log)
+	if err != nil {
+		return err
+	}
+	st := stats.New()
+	srv, err := server.New(cfg, server.Deps{
+		Key:         key,
+		KeyObtained: obtained,
+		KeyExpires:  expires,
+		Controller:  ctrl,
+		Registry:    registry.NewMemory(registry.DefaultClientTimeout, nil),
+		Events:      bus.NewLocal(log),
+		Stats:       st,
+		Logger:      log,
+		Version:     version,
+	})
+	if err != nil {
+		return err
+	}
+	l, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s (ENVIRONMENT__LISTEN, --listen): %w", cfg.Listen, err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	bg, cancelBG := context.WithCancel(context.Background())
+	defer cancelBG()
+	go st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, nil)
+	go srv.PublishCertificate(bg, certificateInterval)
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(l) }()
+	log.Info("machineservice listening",
+		"addr", l.Addr().String(),
+		"instance", cfg.InstanceID,
+		"dev", cfg.Dev,
+		"key_hash", wire.PublicKeyHash(&key.PublicKey),
+		"version", version)
+
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	stop()
+	log.Info("shutting down", "timeout", cfg.ShutdownTimeout.String())
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	err = srv.Shutdown(sctx)
+	if e := <-serveErr; e != nil && !errors.Is(e, server.ErrServerClosed) && err == nil {
+		err = e
+	}
+	if err != nil {
+		log.Warn("shutdown incomplete", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: slog.LevelInfo}
+	if cfg.Dev {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// serverKey returns the configured key or, in development mode, the key
+// kept in the development key file (generated the first time).
+func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time, time.Time, error) {
+	if cfg.PrivateKey != "" {
+		key, err := wire.ParsePrivateKey(cfg.PrivateKey)
+		if err != nil {
+			return nil, time.Time{}, time.Time{}, fmt.Errorf("%w: ENVIRONMENT__MACHINESERVERPRIVATE: %v", config.ErrUsage, err)
+		}
+		expires := cfg.KeyExpires
+		if expires.IsZero() {
+			expires = time.Now().Add(devKeyLifetime)
+		}
+		return key, time.Now(), expires, nil
+	}
+	path := cfg.DevKeyFile
+	if data, err := os.ReadFile(path); err == nil {
+		key, err := wire.ParsePrivateKey(string(data))
+		if err != nil {
+			return nil, time.Time{}, time.Time{}, fmt.Errorf("%w: development key file %s (ENVIRONMENT__DEVELOPMENTKEYFILE): %v", config.ErrUsage, path, err)
+		}
+		obtained := time.Now()
+		if fi, err := os.Stat(path); err == nil {
+			obtained = fi.ModTime()
+		}
+		expires := cfg.KeyExpires
+		if expires.IsZero() {
+			expires = obtained.Add(devKeyLifetime)
+		}
+		log.Info("using the development key", "file", path, "expires", expires.Format(time.RFC3339))
+		return key, obtained, expires, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, time.Time{}, time.Time{}, fmt.Errorf("read development key file: %w", err)
+	}
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return nil, time.Time{}, time.Time{}, fmt.Errorf("generate development key: %w", err)
+	}
+	if err := os.WriteFile(path, wire.EncodePrivateKey(key), 0o600); err != nil {
+		return nil, time.Time{}, time.Time{}, fmt.Errorf("write development key file (ENVIRONMENT__DEVELOPMENTKEYFILE): %w", err)
+	}
+	now := time.Now()
+	expires := cfg.KeyExpires
+	if expires.IsZero() {
+		expires = now.Add(devKeyLifetime)
+	}
+	log.Info("generated a development key", "file", path, "expires", expires.Format(time.RFC3339))
+	return key, now, expires, nil
+}
+
+// builtinController builds the controller from the tokens file and the JWT
+// settings.
+func builtinController(cfg *config.Config, log *slog.Logger) (controller.Controller, error) {
+	b := &controller.Builtin{}
+	if cfg.TokensFile != "" {
+		st, err := controller.LoadTokensFile(cfg.TokensFile, nil)
+		if err != nil {
+			return nil, fmt.Errorf("%w: AUTH__TOKENSFILE (--tokens): %v", config.ErrUsage, err)
+		}
+		agents, portals := st.Len()
+		log.Info("loaded tokens", "file", cfg.TokensFile, "agents", agents, "portals", portals)
+		b.Static = st
+	}
+	switch {
+	case cfg.JWTSecret != "":
+		j, err := controller.NewJWTSecret([]byte(cfg.JWTSecret), cfg.JWTIssuer, nil)
+		if err != nil {
+			return nil, fmt.Errorf("%w: AUTH__JWTSECRET: %v", config.ErrUsage, err)
+		}
+		b.JWT = j
+	case cfg.JWTPublicKeyFile != "":
+		j, err := controller.LoadJWTPublicKeyFile(cfg.JWTPublicKeyFile, cfg.JWTIssuer, nil)
+		if err != nil {
+			return nil, fmt.Errorf("%w: AUTH__JWTPUBLICKEYFILE: %v", config.ErrUsage, err)
+		}
+		b.JWT = j
+	}
+	if b.Static == nil && b.JWT == nil {
+		if !cfg.Dev {
+			return nil, fmt.Errorf("%w: no controller: set AUTH__TOKENSFILE (--tokens), AUTH__JWTSECRET or AUTH__JWTPUBLICKEYFILE", config.ErrUsage)
+		}
+		log.Warn("no tokens configured: every authentication will be refused (use --tokens FILE)")
+		return controller.None{}, nil
+	}
+	return b, nil
+}

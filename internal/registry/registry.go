@@ -1,0 +1,60 @@
+// Package registry keeps the list of connected clients that portals are
+// shown: one entry per client id and organization, with the instance that
+// holds the connection.
+package registry
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/machineservice/machineservice/wire"
+)
+
+// Client is one registered connection.
+type Client struct {
+	ClientID              string
+	OrganizationID        string
+	Type                  wire.ClientType
+	ConnectionID          string
+	InstanceID            string
+	MachineServerURI      string
+	ClientVersion         string
+	MachineRegistrationID string // the registered agent id
+	ClientIP              string
+	FirstSeen             time.Time
+	LastUpdated           time.Time
+}
+
+// Registration returns the entry as a list answer carries it.
+func (c Client) Registration() wire.ClientRegistration {
+	return wire.ClientRegistration{
+		ClientID:              c.ClientID,
+		ClientVersion:         c.ClientVersion,
+		OrganizationID:        c.OrganizationID,
+		MachineRegistrationID: c.MachineRegistrationID,
+		MachineServerURI:      c.MachineServerURI,
+		Type:                  c.Type,
+		LastUpdated:           c.LastUpdated.UTC(),
+		GatewayID:             c.InstanceID,
+		LastUpdatedOn:         c.LastUpdated.UTC(),
+	}
+}
+
+// Registry stores registrations. Implementations are safe for concurrent
+// use.
+type Registry interface {
+	// Register adds or replaces the entry for (ClientID, OrganizationID).
+	Register(ctx context.Context, c Client) error
+	// Touch marks the entry as seen now, if the connection still owns it.
+	Touch(ctx context.Context, clientID, organizationID, connectionID string) error
+	// Unregister removes the entry, if the connection still owns it; a
+	// newer connection's entry for the same client is left alone.
+	Unregister(ctx context.Context, clientID, organizationID, connectionID string) error
+	// Agents lists the agents of the organizations that were refreshed
+	// within the client timeout, ordered by organization and client id.
+	Agents(ctx context.Context, organizationIDs []string) ([]Client, error)
+}
+
+// ErrUnavailable means the registry's store cannot be reached.
+var ErrUnavailable = errors.New("registry unavailable")

@@ -1,0 +1,438 @@
+package server
+
+import (
+	"context"
+	"crypto/rsa"
+	"errors"
+	"slices"
+
+	"github.com/google/uuid"
+
+	"github.com/machineservice/machineservice/internal/bus"
+	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/stats"
+	"github.com/machineservice/machineservice/wire"
+)
+
+// handleFrame decodes one text frame in the wrapping the connection's role
+// calls for and dispatches it by type.
+func (c *conn) handleFrame(data []byte) {
+	id := c.identity()
+	var env wire.Envelope
+	var err error
+	if c.role == wire.ClientTypeAgent {
+		if id == nil && c.authPending.Load() {
+			c.discardWhilePending()
+			return
+		}
+		env, err = wire.OpenEnvelope(data, c.srv.key)
+	} else {
+		env, err = wire.DecodeEnvelope(data)
+	}
+	if err != nil {
+		if errors.Is(err, wire.ErrNotJWE) {
+			c.logger().Info("agent frame is not a JWE for the server key", "err", err)
+			c.close(reasonNotEncrypted)
+			return
+		}
+		c.logger().Info("malformed message", "err", err)
+		c.close(reasonMalformed)
+		return
+	}
+	if st, ok := env.PayloadStyle(); ok {
+		c.embedded.Store(st == wire.StyleEmbedded)
+	}
+	if id != nil && !id.expires.IsZero() && !c.srv.now().Before(id.expires) {
+		c.logger().Info("token expired", "expired", id.expires)
+		c.send(&wire.Envelope{From: c.srv.cfg.InstanceID, To: id.clientID, Type: wire.TypeWarning,
+			MessageID: uuid.NewString(), ErrorMessage: wire.TextTokenExpired})
+		c.close(reasonTokenExpired)
+		return
+	}
+
+	switch env.Type {
+	case wire.TypeAuth:
+		if c.role != wire.ClientTypeAgent {
+			c.close(reasonWrongStateForAuth)
+			return
+		}
+		c.handleAgentAuth(&env)
+	case wire.TypeAuthPortal:
+		if c.role != wire.ClientTypePortal {
+			c.close(reasonWrongStateForAuth)
+			return
+		}
+		c.handlePortalAuth(&env)
+	case wire.TypeList:
+		c.handleList(&env, id)
+	case wire.TypeCommand:
+		c.handleRelay(&env, id)
+	case wire.TypeControl:
+		c.handleControl(&env, id)
+	case wire.TypePing:
+		c.handlePing(&env, id)
+	default:
+		c.srv.stats.Inc(stats.MessagesIgnored)
+		c.logger().Info("message of unknown type ignored", "type", env.Type, "message_id", env.MessageID)
+	}
+}
+
+// discardWhilePending drops a frame that arrived while the agent's auth
+// awaits the controller; too many close the connection.
+func (c *conn) discardWhilePending() {
+	c.discarded++
+	c.srv.stats.Inc(stats.MessagesIgnored)
+	if c.discarded > maxPendingFrames {
+		c.close(reasonTooManyWhilePending)
+		return
+	}
+	c.logger().Debug("frame discarded while authentication is pending", "discarded", c.discarded)
+}
+
+// authRequest checks an auth or authportal payload; on failure it closes
+// the connection and returns false.
+func (c *conn) authRequest(env *wire.Envelope) (wire.AuthRequest, bool) {
+	var req wire.AuthRequest
+	if !env.HasPayload() {
+		c.close(reasonAuthNoPayload)
+		return req, false
+	}
+	if err := env.DecodePayload(&req); err != nil {
+		c.logger().Info("invalid auth payload", "err", err)
+		c.close(reasonAuthBadPayload)
+		return req, false
+	}
+	if req.Token == "" {
+		c.close(reasonAuthNoToken)
+		return req, false
+	}
+	if c.role == wire.ClientTypeAgent && !slices.Contains(wire.SupportedProtocolVersions, req.ProtocolVersion) {
+		c.close(reasonBadProtocolVersion)
+		return req, false
+	}
+	return req, true
+}
+
+func (c *conn) clientIDFor(env *wire.Envelope) string {
+	if env.From != "" {
+		return env.From
+	}
+	return c.connID
+}
+
+// handleAgentAuth validates an agent's token without blocking the read
+// loop: frames that arrive meanwhile are discarded unread.
+func (c *conn) handleAgentAuth(env *wire.Envelope) {
+	c.authSeen = true
+	if c.authPending.Load() {
+		c.discardWhilePending()
+		return
+	}
+	req, ok := c.authRequest(env)
+	if !ok {
+		return
+	}
+	key, err := wire.ParsePublicKey(req.PublicKey)
+	if err != nil {
+		c.logger().Info("invalid agent public key", "err", err)
+		c.close(reasonBadPublicKey)
+		return
+	}
+	c.authPending.Store(true)
+	go c.authenticateAgent(*env, req, key)
+}
+
+func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *rsa.PublicKey) {
+	s := c.srv
+	defer c.authPending.Store(false)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ControllerTimeout)
+	res, err := s.ctrl.ValidateAgent(ctx, req.Token)
+	cancel()
+	reply := &wire.Envelope{From: s.cfg.InstanceID, To: env.From, Type: wire.TypeAuth, MessageID: env.MessageID}
+	if err != nil {
+		switch {
+		case errors.Is(err, controller.ErrAgentNotFound):
+			s.stats.Inc(stats.AuthClientNotFound)
+		case errors.Is(err, controller.ErrRejected):
+			s.stats.Inc(stats.AuthClientFailure)
+		default:
+			s.stats.Inc(stats.AuthClientTimeoutFailure)
+		}
+		c.logger().Info("agent authentication failed", "err", err)
+		_ = reply.SetPayload(wire.AuthResult{Accepted: false})
+		c.sendTo(reply, key)
+		c.close(reasonAuthRejected)
+		return
+	}
+	id := &identity{
+		role:              wire.ClientTypeAgent,
+		clientID:          c.clientIDFor(&env),
+		orgID:             res.OrganizationID,
+		orgs:              []string{res.OrganizationID},
+		registeredAgentID: res.RegisteredAgentID,
+		clientVersion:     req.ClientVersion,
+		expires:           res.Expires,
+		key:               key,
+	}
+	if !c.becomeAuthenticated(id) {
+		return
+	}
+	result := wire.AuthResult{Accepted: true, WillReplaceToken: res.NewToken != ""}
+	if res.NewToken != "" {
+		result.NewToken = &res.NewToken
+	}
+	_ = reply.SetPayload(result)
+	c.send(reply)
+	s.stats.Inc(stats.AuthClientSuccess)
+	c.logger().Info("agent authenticated", "agent", id.registeredAgentID, "version", id.clientVersion)
+	c.publish(bus.ActivityConnected, id, req.Metadata)
+	s.pushList(id.orgID)
+}
+
+// handlePortalAuth validates a portal's token. It blocks the read loop, so
+// a portal may send list or command right behind its authportal.
+func (c *conn) handlePortalAuth(env *wire.Envelope) {
+	s := c.srv
+	c.authSeen = true
+	req, ok := c.authRequest(env)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ControllerTimeout)
+	res, err := s.ctrl.ValidatePortal(ctx, req.Token, req.IncludeSubOrgs)
+	cancel()
+	reply := &wire.Envelope{From: s.cfg.InstanceID, To: env.From, Type: wire.TypeAuthPortal, MessageID: env.MessageID}
+	if err != nil {
+		if errors.Is(err, controller.ErrRejected) || errors.Is(err, controller.ErrAgentNotFound) {
+			s.stats.Inc(stats.AuthPortalFailure)
+		} else {
+			s.stats.Inc(stats.AuthPortalTimeoutFailure)
+		}
+		c.logger().Info("portal authentication failed", "err", err)
+		_ = reply.SetPayload(wire.AuthResult{Accepted: false})
+		c.send(reply)
+		c.close(reasonAuthRejected)
+		return
+	}
+	orgs := []string{res.OrganizationID}
+	if req.IncludeSubOrgs {
+		for _, o := range res.SubOrganizations {
+			if o != "" && !slices.Contains(orgs, o) {
+				orgs = append(orgs, o)
+			}
+		}
+	}
+	id := &identity{
+		role:          wire.ClientTypePortal,
+		clientID:      c.clientIDFor(env),
+		orgID:         res.OrganizationID,
+		orgs:          orgs,
+		clientVersion: req.ClientVersion,
+		impersonated:  res.Impersonated,
+		expires:       res.Expires,
+	}
+	if !c.becomeAuthenticated(id) {
+		return
+	}
+	_ = reply.SetPayload(wire.AuthResult{Accepted: true})
+	c.send(reply)
+	s.stats.Inc(stats.AuthPortalSuccess)
+	c.logger().Info("portal authenticated", "impersonated", id.impersonated, "organizations", len(id.orgs))
+}
+
+// becomeAuthenticated installs id, lifts the pre-auth limits, indexes the
+// connection and registers it. It returns false when the connection closed
+// meanwhile.
+func (c *conn) becomeAuthenticated(id *identity) bool {
+	s := c.srv
+	old := c.id.Swap(id)
+	c.nc.limit.Store(0)
+	replaced := s.hub.authenticated(c, old, id)
+	if replaced != nil {
+		replaced.logger().Info("connection replaced by a newer one", "new_conn", c.connID)
+		replaced.close(reasonReplaced)
+	}
+	if old != nil && (old.clientID != id.clientID || old.orgID != id.orgID) {
+		c.unregister(old)
+	}
+	if c.isClosing() {
+		return false
+	}
+	err := s.reg.Register(s.ctx, registry.Client{
+		ClientID:              id.clientID,
+		OrganizationID:        id.orgID,
+		Type:                  c.role,
+		ConnectionID:          c.connID,
+		InstanceID:            s.cfg.InstanceID,
+		ClientVersion:         id.clientVersion,
+		MachineRegistrationID: id.registeredAgentID,
+		ClientIP:              c.remoteIP,
+	})
+	if err != nil {
+		s.stats.Inc(stats.RegistryFailure)
+		c.logger().Warn("registering the client failed", "err", err)
+	}
+	c.extendReadDeadline()
+	return true
+}
+
+// unregister removes the registration of a former identity and tells the
+// organization's portals when an agent left.
+func (c *conn) unregister(id *identity) {
+	s := c.srv
+	if err := s.reg.Unregister(context.Background(), id.clientID, id.orgID, c.connID); err != nil {
+		s.stats.Inc(stats.RegistryFailure)
+		c.logger().Warn("unregistering the client failed", "err", err)
+	}
+	if c.role == wire.ClientTypeAgent {
+		c.publish(bus.ActivityDisconnected, id, nil)
+		s.pushList(id.orgID)
+	}
+}
+
+func (c *conn) publish(t bus.ActivityType, id *identity, metadata map[string]*string) {
+	s := c.srv
+	err := s.events.PublishActivity(context.Background(), bus.AgentActivity{
+		ActivityType:      t,
+		ActivityTimestamp: s.now().UTC(),
+		RegisteredAgentID: id.registeredAgentID,
+		OrganizationID:    id.orgID,
+		ClientVersion:     id.clientVersion,
+		Metadata:          metadata,
+	})
+	if err != nil {
+		c.logger().Warn("publishing agent activity failed", "activity", t, "err", err)
+	}
+}
+
+// handleList answers a portal's list request.
+func (c *conn) handleList(env *wire.Envelope, id *identity) {
+	switch {
+	case c.role != wire.ClientTypePortal:
+		c.close(reasonWrongStateForList)
+		return
+	case id == nil:
+		c.close(reasonNotAuthenticated)
+		return
+	}
+	c.sendList(env.MessageID, id)
+}
+
+// sendList sends the portal the agents of its organizations.
+func (c *conn) sendList(messageID string, id *identity) {
+	s := c.srv
+	reply := &wire.Envelope{From: s.cfg.InstanceID, To: id.clientID, Type: wire.TypeList, MessageID: messageID}
+	agents, err := s.reg.Agents(s.ctx, id.orgs)
+	if err != nil {
+		s.stats.Inc(stats.ListFailure)
+		c.logger().Warn("listing agents failed", "err", err)
+		reply.ErrorMessage = wire.TextRegistryUnavailable
+		c.send(reply)
+		return
+	}
+	list := make([]wire.ClientRegistration, 0, len(agents))
+	for _, a := range agents {
+		list = append(list, a.Registration())
+	}
+	_ = reply.SetPayload(list)
+	if c.send(reply) {
+		s.stats.Inc(stats.ListCommandSuccess)
+	}
+}
+
+// pushList sends a fresh list to every portal that sees org.
+func (s *Server) pushList(org string) {
+	for _, p := range s.hub.portalsOf(org) {
+		if id := p.identity(); id != nil {
+			p.sendList(uuid.NewString(), id)
+		}
+	}
+}
+
+// handleRelay passes a command (or an unsolicited control message) to the
+// client named in "to", with "from" set to the sender's authenticated id.
+func (c *conn) handleRelay(env *wire.Envelope, id *identity) {
+	s := c.srv
+	if id == nil {
+		c.close(reasonNotAuthenticated)
+		return
+	}
+	if id.impersonated {
+		s.stats.Inc(stats.CommandRelayDenied)
+		c.logger().Warn("impersonating portal may not send commands", "to", env.To)
+		c.close(reasonAccessDenied)
+		return
+	}
+	target := s.hub.client(env.To, id)
+	if target != nil {
+		tid := target.identity()
+		if tid == nil {
+			target = nil
+		} else if !mayReach(id, tid) {
+			s.stats.Inc(stats.CommandRelayDenied)
+			c.logger().Warn("relay to another organization denied", "to", env.To, "to_org", tid.orgID)
+			c.close(reasonAccessDenied)
+			return
+		}
+	}
+	out := *env
+	out.From = id.clientID
+	if target != nil && target.send(&out) {
+		s.stats.Inc(stats.CommandRelaySuccess)
+		return
+	}
+	s.stats.Inc(stats.CommandRelayDestinationNotAvailable)
+	if c.role == wire.ClientTypePortal {
+		c.send(&wire.Envelope{From: s.cfg.InstanceID, To: id.clientID, Type: env.Type,
+			MessageID: env.MessageID, ErrorMessage: wire.TextDestinationNotAvailable})
+		return
+	}
+	// Agents are not sent errors they do not expect (the Duplicati agent
+	// disconnects on them); the drop is logged and counted.
+	c.logger().Info("relay destination not available", "type", env.Type, "to", env.To, "message_id", env.MessageID)
+}
+
+// handleControl takes an agent's answer to a control request, or relays a
+// control message between clients like a command.
+func (c *conn) handleControl(env *wire.Envelope, id *identity) {
+	s := c.srv
+	if id == nil {
+		s.stats.Inc(stats.ControlRelayDestinationNotAuthenticated)
+		c.close(reasonNotAuthenticated)
+		return
+	}
+	if c.role == wire.ClientTypeAgent {
+		if p := s.pending.take(c, env.MessageID); p != nil {
+			var res wire.ControlResponse
+			if err := env.DecodePayload(&res); err != nil {
+				p <- controlAnswer{err: errors.New(wire.TextInvalidControlResponse)}
+				c.close(reasonBadControlResponse)
+				return
+			}
+			p <- controlAnswer{res: res}
+			return
+		}
+	}
+	c.handleRelay(env, id)
+}
+
+// handlePing answers an authenticated client's ping and refreshes its
+// registration. Pings before authentication are ignored.
+func (c *conn) handlePing(env *wire.Envelope, id *identity) {
+	s := c.srv
+	if id == nil {
+		c.logger().Debug("ping before authentication ignored")
+		return
+	}
+	if err := s.reg.Touch(s.ctx, id.clientID, id.orgID, c.connID); err != nil {
+		s.stats.Inc(stats.RegistryFailure)
+		c.logger().Warn("refreshing the registration failed", "err", err)
+	}
+	if c.role == wire.ClientTypeAgent && !s.cfg.DisablePingMessages {
+		c.publish(bus.ActivityPing, id, nil)
+	}
+	if c.send(&wire.Envelope{From: s.cfg.InstanceID, To: id.clientID, Type: wire.TypePong, MessageID: uuid.NewString()}) {
+		s.stats.Inc(stats.PingCommandSuccess)
+	}
+}
