@@ -100,3 +100,16 @@ func (m *Memory) Agents(_ context.Context, organizationIDs []string) ([]Client, 
 	})
 	return out, nil
 }
+
+// Lookup returns the fresh entry of a client in one of the organizations.
+func (m *Memory) Lookup(_ context.Context, clientID string, organizationIDs []string) (Client, bool, error) {
+	cutoff := m.now().Add(-m.timeout)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, o := range organizationIDs {
+		if c, ok := m.clients[key{clientID, o}]; ok && c.LastUpdated.After(cutoff) {
+			return c, true, nil
+		}
+	}
+	return Client{}, false, nil
+}

@@ -51,6 +51,9 @@ type Registry interface {
 	// Unregister removes the entry, if the connection still owns it; a
 	// newer connection's entry for the same client is left alone.
 	Unregister(ctx context.Context, clientID, organizationID, connectionID string) error
+	// Lookup returns the fresh entry of a client, in any of the
+	// organizations, and false when there is none.
+	Lookup(ctx context.Context, clientID string, organizationIDs []string) (Client, bool, error)
 	// Agents lists the agents of the organizations that were refreshed
 	// within the client timeout, ordered by organization and client id.
 	Agents(ctx context.Context, organizationIDs []string) ([]Client, error)
