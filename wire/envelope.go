@@ -57,12 +57,9 @@ type envelopeJSON struct {
 // the type is lower-cased. A message without a type is malformed.
 func DecodeEnvelope(data []byte) (Envelope, error) {
 	var raw envelopeJSON
-	dec := json.NewDecoder(bytes.NewReader(data))
-	if err := dec.Decode(&raw); err != nil {
+	// Unmarshal, unlike a Decoder, refuses anything after the envelope.
+	if err := json.Unmarshal(data, &raw); err != nil {
 		return Envelope{}, fmt.Errorf("%w: %v", ErrMalformed, err)
-	}
-	if dec.More() {
-		return Envelope{}, fmt.Errorf("%w: data after the envelope", ErrMalformed)
 	}
 	env := Envelope{
 		From:         deref(raw.From),
@@ -174,7 +171,7 @@ func styled(p json.RawMessage, s Style) json.RawMessage {
 		if json.Unmarshal(p, &inner) != nil {
 			return p
 		}
-		trimmed := strings.TrimSpace(inner)
+		trimmed := strings.Trim(inner, " \t\r\n") // JSON's white space only
 		if trimmed == "" || (trimmed[0] != '{' && trimmed[0] != '[') || !json.Valid([]byte(trimmed)) {
 			return p // not JSON: an opaque string stays a string
 		}

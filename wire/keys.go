@@ -96,6 +96,11 @@ func ParsePublicKey(s string) (*rsa.PublicKey, error) {
 	if n := key.N.BitLen(); n < MinKeyBits || n > MaxKeyBits {
 		return nil, fmt.Errorf("%w: %d bits, %d to %d accepted", ErrInvalidKey, n, MinKeyBits, MaxKeyBits)
 	}
+	// Parsing checks only that N and E are positive; nothing could be
+	// encrypted to an even modulus or exponent.
+	if key.N.Bit(0) == 0 || key.E < 3 || key.E%2 == 0 {
+		return nil, fmt.Errorf("%w: not a usable RSA public key", ErrInvalidKey)
+	}
 	return key, nil
 }
 
