@@ -181,9 +181,23 @@ func (c *conn) run() {
 			c.logger().Debug("binary frame ignored", "bytes", len(data))
 			continue
 		}
-		c.handleFrame(data)
+		c.dispatch(data)
 	}
 	c.teardown()
+}
+
+// dispatch handles one frame on a goroutine of its own and waits for it.
+// Decryption and handling need deep stacks; keeping them off the read
+// loop's goroutine lets its stack stay small while it waits, idle, for
+// the next frame, which is where a connection spends its life. Frames are
+// still handled one at a time, in order.
+func (c *conn) dispatch(data []byte) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.handleFrame(data)
+	}()
+	<-done
 }
 
 var errMessageTooLarge = errors.New("message too large")

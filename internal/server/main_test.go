@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"sync"
 	"testing"
@@ -63,7 +64,7 @@ func (c *clock) Advance(d time.Duration) {
 
 // env is one running test server.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	srv    *server.Server
 	cfg    *config.Config
 	base   string // http://127.0.0.1:port
@@ -105,6 +106,17 @@ func tokens(now func() time.Time) *controller.Static {
 // start runs a server on a random loopback port until the test ends.
 func start(t *testing.T, opts ...option) *env {
 	t.Helper()
+	return startTB(t, testLogger(t), opts...)
+}
+
+// startBench is start for benchmarks, which log nothing.
+func startBench(b *testing.B, opts ...option) *env {
+	b.Helper()
+	return startTB(b, slog.New(slog.DiscardHandler), opts...)
+}
+
+func startTB(t testing.TB, log *slog.Logger, opts ...option) *env {
+	t.Helper()
 	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +140,7 @@ func start(t *testing.T, opts ...option) *env {
 		Registry:    registry.NewMemory(0, e.clock.Now),
 		Events:      e.events,
 		Stats:       e.stats,
-		Logger:      testLogger(t),
+		Logger:      log,
 		Now:         e.clock.Now,
 		Version:     "test",
 	}
