@@ -10,7 +10,7 @@ const (
 	TextTokenExpired            = "Token expired"
 	TextAuthWithoutPayload      = "Auth message without payload"
 	TextInvalidStateForAuth     = "Invalid connection state for authentication"
-	TextAuthWithoutToken        = "Auth message without token"
+	TextAuthWithoutToken        = "Auth message without token" //nolint:gosec // an error text, not a credential
 	TextInvalidStateForList     = "Invalid connection state for list"
 	TextInvalidProtocolVersion  = "Invalid protocol version"
 	TextInvalidAuthPayload      = "Invalid payload for authentication"

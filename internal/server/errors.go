@@ -16,4 +16,6 @@ var (
 	ErrControlStale = errors.New("control request expired")
 	// ErrServerClosed is returned by Serve after Shutdown.
 	ErrServerClosed = errors.New("server closed")
+
+	errInvalidControlResponse = errors.New("invalid control response payload")
 )

@@ -406,7 +406,7 @@ func (c *conn) handleControl(env *wire.Envelope, id *identity) {
 		if p := s.pending.take(c, env.MessageID); p != nil {
 			var res wire.ControlResponse
 			if err := env.DecodePayload(&res); err != nil {
-				p <- controlAnswer{err: errors.New(wire.TextInvalidControlResponse)}
+				p <- controlAnswer{err: errInvalidControlResponse}
 				c.close(reasonBadControlResponse)
 				return
 			}
