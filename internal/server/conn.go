@@ -70,10 +70,10 @@ type conn struct {
 	id          atomic.Pointer[identity] // nil until authenticated
 	embedded    atomic.Bool              // the client writes embedded payloads
 	authPending atomic.Bool              // an agent auth awaits the controller
+	authSeen    atomic.Bool              // an auth message arrived; the auth deadline no longer applies
 
-	// owned by the read loop
-	authSeen  bool // an auth message arrived; the auth deadline no longer applies
-	discarded int  // frames discarded while the auth was pending
+	// owned by the read loop (and the frame handler it waits for)
+	discarded int // frames discarded while the auth was pending
 
 	// guarded by mu
 	mu          sync.Mutex
@@ -92,7 +92,7 @@ func newConn(s *Server, ws *websocket.Conn, role wire.ClientType, remoteIP strin
 		role:        role,
 		connID:      uuid.NewString(),
 		remoteIP:    remoteIP,
-		connectedAt: s.now(),
+		connectedAt: time.Now(),
 	}
 	c.nc, _ = ws.NetConn().(*meteredConn)
 	if c.nc == nil {
@@ -133,7 +133,8 @@ func (c *conn) run() {
 
 	c.nc.limit.Store(c.nc.in.Load() + int64(s.cfg.MaxBytesBeforeAuth))
 	_ = c.nc.SetWriteDeadline(time.Time{}) // the HTTP server's deadline no longer applies
-	c.setReadDeadline(s.now().Add(s.cfg.AuthTimeout))
+	// Socket deadlines use the real clock; s.now is for token expiry.
+	c.setReadDeadline(time.Now().Add(s.cfg.AuthTimeout))
 	c.ws.SetPingHandler(func(data string) error {
 		c.extendReadDeadline()
 		err := c.ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(s.cfg.WriteTimeout))
@@ -227,7 +228,7 @@ func (c *conn) readFailed(err error) {
 	case errors.As(err, &ce):
 		c.close(reasonClientClosed)
 	case errors.As(err, &ne) && ne.Timeout():
-		if c.authSeen {
+		if c.authSeen.Load() {
 			c.close(reasonIdleTimeout)
 		} else {
 			c.close(reasonAuthTimeout)
@@ -250,10 +251,10 @@ func (c *conn) setReadDeadline(t time.Time) {
 // extendReadDeadline restarts the idle timer once the auth message has
 // arrived; before that the auth deadline stands.
 func (c *conn) extendReadDeadline() {
-	if !c.authSeen && c.identity() == nil {
+	if !c.authSeen.Load() && c.identity() == nil {
 		return
 	}
-	c.setReadDeadline(c.srv.now().Add(2 * c.srv.cfg.PingInterval))
+	c.setReadDeadline(time.Now().Add(2 * c.srv.cfg.PingInterval))
 }
 
 func (c *conn) isClosing() bool {
@@ -478,5 +479,5 @@ func (c *conn) teardown() {
 		"reason", reason.String(),
 		"bytes_in", c.nc.in.Load(),
 		"bytes_out", c.nc.out.Load(),
-		"duration", s.now().Sub(c.connectedAt).Round(time.Millisecond).String())
+		"duration", time.Since(c.connectedAt).Round(time.Millisecond).String())
 }

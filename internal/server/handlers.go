@@ -124,7 +124,7 @@ func (c *conn) clientIDFor(env *wire.Envelope) string {
 // handleAgentAuth validates an agent's token without blocking the read
 // loop: frames that arrive meanwhile are discarded unread.
 func (c *conn) handleAgentAuth(env *wire.Envelope) {
-	c.authSeen = true
+	c.authSeen.Store(true)
 	if c.authPending.Load() {
 		c.discardWhilePending()
 		return
@@ -194,7 +194,7 @@ func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *r
 // a portal may send list or command right behind its authportal.
 func (c *conn) handlePortalAuth(env *wire.Envelope) {
 	s := c.srv
-	c.authSeen = true
+	c.authSeen.Store(true)
 	req, ok := c.authRequest(env)
 	if !ok {
 		return

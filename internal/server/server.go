@@ -60,7 +60,8 @@ type Server struct {
 	upgrader   websocket.Upgrader
 	http       *http.Server
 
-	// ctx ends when shutdown starts; it bounds controller calls.
+	// ctx ends when shutdown starts; it bounds controller and registry
+	// calls.
 	ctx    context.Context
 	cancel context.CancelFunc
 
@@ -240,6 +241,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	close(s.shutdown)
 	s.mu.Unlock()
 
+	// Pending controller calls end now, so no connection waits on one.
+	s.cancel()
 	httpDone := make(chan error, 1)
 	go func() { httpDone <- s.http.Shutdown(ctx) }()
 
@@ -258,7 +261,6 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 		<-done
 	}
-	s.cancel()
 	if herr := <-httpDone; herr != nil && err == nil && !errors.Is(herr, context.Canceled) && !errors.Is(herr, context.DeadlineExceeded) {
 		err = fmt.Errorf("shutdown http: %w", herr)
 	}
