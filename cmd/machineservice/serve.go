@@ -37,11 +37,13 @@ func serve(args []string, stderr io.Writer) error {
 	}
 	log := newLogger(cfg, stderr)
 
-	key, obtained, expires, err := serverKey(cfg, log)
+	// The controller settings are checked first: a refused start should
+	// not have generated and written a development key.
+	ctrl, err := builtinController(cfg, log)
 	if err != nil {
 		return err
 	}
-	ctrl, err := builtinController(cfg, log)
+	key, obtained, expires, err := serverKey(cfg, log)
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -315,10 +316,16 @@ func intSetting(env, fl, def, help string, field func(*Config) *int) Setting {
 func secondsSetting(env, fl, def, help string, field func(*Config) *time.Duration) Setting {
 	return Setting{Env: env, Flag: fl, Default: def, Help: help, set: func(c *Config, v string) error {
 		f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-		if err != nil {
+		if err != nil || math.IsNaN(f) {
 			return fmt.Errorf("not a number of seconds")
 		}
-		*field(c) = time.Duration(f * float64(time.Second))
+		// Converting a float beyond the range of a Duration gives a
+		// value that depends on the CPU.
+		ns := f * float64(time.Second)
+		if ns >= math.MaxInt64 || ns < math.MinInt64 {
+			return fmt.Errorf("out of range")
+		}
+		*field(c) = time.Duration(ns)
 		return nil
 	}}
 }

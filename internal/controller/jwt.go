@@ -170,7 +170,7 @@ var _ Controller = (*Builtin)(nil)
 
 // ValidateAgent tries the static tokens, then the JWT verifier.
 func (b *Builtin) ValidateAgent(ctx context.Context, token string) (Agent, error) {
-	err := fmt.Errorf("%w: no token source configured", ErrRejected)
+	err := b.unmatched()
 	if b.Static != nil {
 		var a Agent
 		if a, err = b.Static.ValidateAgent(ctx, token); err == nil {
@@ -185,7 +185,7 @@ func (b *Builtin) ValidateAgent(ctx context.Context, token string) (Agent, error
 
 // ValidatePortal tries the static tokens, then the JWT verifier.
 func (b *Builtin) ValidatePortal(ctx context.Context, token string, includeSubOrgs bool) (Portal, error) {
-	err := fmt.Errorf("%w: no token source configured", ErrRejected)
+	err := b.unmatched()
 	if b.Static != nil {
 		var p Portal
 		if p, err = b.Static.ValidatePortal(ctx, token, includeSubOrgs); err == nil {
@@ -196,4 +196,12 @@ func (b *Builtin) ValidatePortal(ctx context.Context, token string, includeSubOr
 		return b.JWT.ValidatePortal(ctx, token, includeSubOrgs)
 	}
 	return Portal{}, err
+}
+
+// unmatched is the error for a token that no configured source checked.
+func (b *Builtin) unmatched() error {
+	if b.JWT != nil {
+		return fmt.Errorf("%w: not a JWT", ErrRejected)
+	}
+	return fmt.Errorf("%w: no token source configured", ErrRejected)
 }

@@ -1,10 +1,12 @@
 package controller
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"time"
 )
@@ -49,9 +51,16 @@ func LoadTokensFile(path string, now func() time.Time) (*Static, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read tokens file: %w", err)
 	}
+	// A misspelt field would be dropped silently, and a token meant to
+	// expire would never expire.
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
 	var f TokensFile
-	if err := json.Unmarshal(data, &f); err != nil {
+	if err := dec.Decode(&f); err != nil {
 		return nil, fmt.Errorf("parse tokens file %s: %w", path, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, fmt.Errorf("parse tokens file %s: data after the JSON object", path)
 	}
 	return NewStatic(f, now)
 }
