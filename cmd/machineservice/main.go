@@ -39,7 +39,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var err error
 	switch args[0] {
 	case "serve":
-		err = serve(args[1:], stderr)
+		err = serve(args[1:], stdout, stderr)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

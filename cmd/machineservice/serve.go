@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -30,8 +31,16 @@ const devKeyLifetime = 90 * 24 * time.Hour
 // certificateInterval is how often the server key is announced again.
 const certificateInterval = 48 * time.Hour
 
-func serve(args []string, stderr io.Writer) error {
+func serve(args []string, stdout, stderr io.Writer) error {
+	// Catch the signals first: one that arrives while the key is made
+	// still ends the start cleanly.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 	cfg, err := config.Load(args, os.Getenv)
+	if errors.Is(err, config.ErrHelp) {
+		fmt.Fprint(stdout, "usage: machineservice serve [flags]\n\nEvery setting is also read from its environment variable; see machineservice env.\n\n")
+		return config.PrintFlags(stdout)
+	}
 	if err != nil {
 		return err
 	}
@@ -46,6 +55,9 @@ func serve(args []string, stderr io.Writer) error {
 	key, obtained, expires, err := serverKey(cfg, log)
 	if err != nil {
 		return err
+	}
+	if expires.Before(time.Now()) {
+		log.Warn("the server key has expired: agents will refuse it", "expired", expires.Format(time.RFC3339))
 	}
 	st := stats.New()
 	srv, err := server.New(cfg, server.Deps{
@@ -67,8 +79,9 @@ func serve(args []string, stderr io.Writer) error {
 		return fmt.Errorf("listen on %s (ENVIRONMENT__LISTEN, --listen): %w", cfg.Listen, err)
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
+	if ctx.Err() != nil {
+		return nil // stopped before it started
+	}
 	bg, cancelBG := context.WithCancel(context.Background())
 	defer cancelBG()
 	go st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, nil)
@@ -148,7 +161,7 @@ func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time
 	if err != nil {
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("generate development key: %w", err)
 	}
-	if err := os.WriteFile(path, wire.EncodePrivateKey(key), 0o600); err != nil {
+	if err := writeFileAtomic(path, wire.EncodePrivateKey(key), 0o600); err != nil {
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("write development key file (ENVIRONMENT__DEVELOPMENTKEYFILE): %w", err)
 	}
 	now := time.Now()
@@ -195,4 +208,26 @@ func builtinController(cfg *config.Config, log *slog.Logger) (controller.Control
 		return controller.None{}, nil
 	}
 	return b, nil
+}
+
+// writeFileAtomic writes data to a temporary file beside path and renames
+// it into place, so a crash never leaves a partial file.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name()) // fails harmlessly once renamed
+	if _, err := tmp.Write(data); err != nil {
+		_ = tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(mode); err != nil {
+		_ = tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
 }

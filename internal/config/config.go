@@ -74,6 +74,9 @@ type Setting struct {
 // status 2 on them.
 var ErrUsage = errors.New("invalid configuration")
 
+// ErrHelp is returned by Load when the flags ask for help.
+var ErrHelp = errors.New("help requested")
+
 // Settings lists every setting in the order they are documented.
 func Settings() []Setting {
 	return []Setting{
@@ -142,7 +145,9 @@ func Load(args []string, getenv func(string) string) (*Config, error) {
 		}
 		fs.Var(&flagValue{c: c, s: s}, s.Flag, s.Help)
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		return nil, ErrHelp
+	} else if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
 	}
 	if fs.NArg() > 0 {
@@ -258,6 +263,23 @@ func PrintEnv(w io.Writer) error {
 			d = "(none)"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Env, f, d, s.Help)
+	}
+	return tw.Flush()
+}
+
+// PrintFlags writes the flags of serve with the variables they override.
+func PrintFlags(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "FLAG\tVARIABLE\tDEFAULT\tMEANING")
+	for _, s := range Settings() {
+		if s.Flag == "" {
+			continue
+		}
+		d := s.Default
+		if d == "" {
+			d = "(none)"
+		}
+		fmt.Fprintf(tw, "--%s\t%s\t%s\t%s\n", s.Flag, s.Env, d, s.Help)
 	}
 	return tw.Flush()
 }

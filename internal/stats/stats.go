@@ -179,6 +179,9 @@ type Exporter func(ctx context.Context, at time.Time, counters map[string]int64)
 // that task. A failed export is logged and its counts are kept for the
 // next one.
 func (s *Stats) Run(ctx context.Context, log *slog.Logger, statusEvery, exportEvery time.Duration, export Exporter) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	status := tick(statusEvery)
 	exports := tick(exportEvery)
 	defer status.Stop()
