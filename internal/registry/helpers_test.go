@@ -1,0 +1,192 @@
+package registry_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
+
+	"github.com/machineservice/machineservice/internal/registry"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// testDatabaseEnv names the connection URL of the PostgreSQL the tests
+// use; each test works in a fresh schema of it.
+const testDatabaseEnv = "MACHINESERVICE_TEST_POSTGRES"
+
+// freshSchema creates a schema with a random name in the test database
+// and returns a connection URL whose search_path selects it, and the
+// schema's name. The schema is dropped when the test ends.
+func freshSchema(t *testing.T) (string, string) {
+	t.Helper()
+	base := os.Getenv(testDatabaseEnv)
+	if base == "" {
+		t.Skipf("%s is not set; set it to a PostgreSQL URL (for example postgres://postgres@127.0.0.1:5432/test?sslmode=disable) to run the PostgreSQL tests", testDatabaseEnv)
+	}
+	var b [6]byte
+	_, _ = rand.Read(b[:]) // never fails
+	schema := "ms_test_" + hex.EncodeToString(b[:])
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, base)
+	if err != nil {
+		t.Fatalf("connect to %s: %v", testDatabaseEnv, err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
+		t.Fatalf("create schema: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, base)
+		if err != nil {
+			t.Errorf("connect to drop schema %s: %v", schema, err)
+			return
+		}
+		defer conn.Close(ctx)
+		if _, err := conn.Exec(ctx, "DROP SCHEMA "+schema+" CASCADE"); err != nil {
+			t.Errorf("drop schema %s: %v", schema, err)
+		}
+	})
+	return withSearchPath(t, base, schema), schema
+}
+
+// withSearchPath adds search_path to a URL or key=value connection
+// string.
+func withSearchPath(t *testing.T, conn, schema string) string {
+	t.Helper()
+	if !strings.HasPrefix(conn, "postgres://") && !strings.HasPrefix(conn, "postgresql://") {
+		return conn + " search_path=" + schema
+	}
+	u, err := url.Parse(conn)
+	if err != nil {
+		t.Fatalf("%s: %v", testDatabaseEnv, err)
+	}
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// withHost points a connection URL at another address.
+func withHost(t *testing.T, conn, hostport string) string {
+	t.Helper()
+	u, err := url.Parse(conn)
+	if err != nil || u.Scheme == "" {
+		t.Fatalf("%s must be a URL for this test: %v", testDatabaseEnv, err)
+	}
+	u.Host = hostport
+	return u.String()
+}
+
+// openPool opens a pool that is closed when the test ends.
+func openPool(t *testing.T, conn string) *pgxpool.Pool {
+	t.Helper()
+	pool, err := registry.OpenPool(context.Background(), conn, 2*time.Second)
+	if err != nil {
+		t.Fatalf("open pool: %v", err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+// migratedPool opens a pool on a fresh, migrated schema.
+func migratedPool(t *testing.T) (*pgxpool.Pool, string) {
+	t.Helper()
+	conn, _ := freshSchema(t)
+	pool := openPool(t, conn)
+	if _, err := registry.Migrate(context.Background(), pool); err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	return pool, conn
+}
+
+// newPostgres starts a registry that is closed when the test ends.
+func newPostgres(t *testing.T, pool *pgxpool.Pool, o registry.PostgresOptions) *registry.Postgres {
+	t.Helper()
+	if o.Logger == nil {
+		o.Logger = testLogger(t)
+	}
+	r, err := registry.NewPostgres(context.Background(), pool, o)
+	if err != nil {
+		t.Fatalf("new postgres registry: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := r.Close(context.Background()); err != nil {
+			t.Errorf("close registry: %v", err)
+		}
+	})
+	return r
+}
+
+// count runs a counting query.
+func count(t *testing.T, pool *pgxpool.Pool, sql string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+// exec runs a statement.
+func exec(t *testing.T, pool *pgxpool.Pool, sql string, args ...any) {
+	t.Helper()
+	if _, err := pool.Exec(context.Background(), sql, args...); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// testLogger logs through t.Log while the test runs.
+func testLogger(t *testing.T) *slog.Logger {
+	w := &testWriter{t: t}
+	t.Cleanup(w.stop)
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct {
+	mu   sync.Mutex
+	t    *testing.T
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *testWriter) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
+}
