@@ -11,13 +11,13 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
-	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
@@ -46,30 +46,39 @@ func serve(args []string, stderr io.Writer) error {
 		return err
 	}
 	st := stats.New()
+	be, err := openBackends(context.Background(), cfg, log)
+	if err != nil {
+		return err
+	}
 	srv, err := server.New(cfg, server.Deps{
 		Key:         key,
 		KeyObtained: obtained,
 		KeyExpires:  expires,
 		Controller:  ctrl,
-		Registry:    registry.NewMemory(registry.DefaultClientTimeout, nil),
+		Registry:    be.registry,
 		Events:      bus.NewLocal(log),
 		Stats:       st,
 		Logger:      log,
 		Version:     version,
 	})
 	if err != nil {
+		be.close(log)
 		return err
 	}
 	l, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
+		be.close(log)
 		return fmt.Errorf("listen on %s (ENVIRONMENT__LISTEN, --listen): %w", cfg.Listen, err)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	bg, cancelBG := context.WithCancel(context.Background())
-	defer cancelBG()
-	go st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, nil)
+	var statsDone sync.WaitGroup
+	// After the shutdown has unregistered every connection: stop the
+	// statistics, then remove this instance from the database.
+	defer func() { cancelBG(); statsDone.Wait(); be.close(log) }()
+	statsDone.Go(func() { st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, be.exporter) })
 	go srv.PublishCertificate(bg, certificateInterval)
 
 	serveErr := make(chan error, 1)

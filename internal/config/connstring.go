@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // ErrConnString means a database connection string cannot be read.
@@ -14,18 +16,25 @@ var ErrConnString = errors.New("invalid connection string")
 // forms into one pgx reads: a postgres:// URL and libpq key=value pairs
 // pass through unchanged; the Npgsql form the original server used
 // (Host=...;Port=...;Database=...;Username=...;Password=...) is
-// converted to key=value pairs. The empty string stays empty.
+// converted to key=value pairs. The result is checked with pgx's parser.
+// The empty string stays empty.
 func PostgresConnString(s string) (string, error) {
 	t := strings.TrimSpace(s)
 	switch {
 	case t == "":
 		return "", nil
-	case strings.HasPrefix(t, "postgres://"), strings.HasPrefix(t, "postgresql://"):
-		return t, nil
-	case isLibpq(t):
-		return t, nil
+	case strings.HasPrefix(t, "postgres://"), strings.HasPrefix(t, "postgresql://"), isLibpq(t):
+	default:
+		var err error
+		if t, err = npgsqlToLibpq(t); err != nil {
+			return "", err
+		}
 	}
-	return npgsqlToLibpq(t)
+	if _, err := pgconn.ParseConfig(t); err != nil {
+		// pgx's message redacts the password.
+		return "", fmt.Errorf("%w: %v", ErrConnString, err)
+	}
+	return t, nil
 }
 
 // isLibpq tells libpq key=value pairs from the Npgsql form: libpq

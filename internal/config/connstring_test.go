@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -93,5 +94,26 @@ func TestPostgresConnStringParses(t *testing.T) {
 		cfg.ConnectTimeout.Seconds() != 4 {
 		t.Fatalf("parsed %q as host %q port %d db %q user %q password %q params %v tls %v timeout %v",
 			out, cfg.Host, cfg.Port, cfg.Database, cfg.User, cfg.Password, cfg.RuntimeParams, cfg.TLSConfig != nil, cfg.ConnectTimeout)
+	}
+}
+
+// TestPostgresConnStringErrorsHidePassword: errors end up in logs and
+// exit messages.
+func TestPostgresConnStringErrorsHidePassword(t *testing.T) {
+	for _, in := range []string{
+		"host=db password=s3cr3t port=abc",
+		"postgres://u:s3cr3t@db:abc/x",
+		"Host=db;Password=s3cr3t;Target Session Attributes=bogus",
+		"Host=db;Password='s3 cr3t';Target Session Attributes=bogus",
+	} {
+		t.Run(in, func(t *testing.T) {
+			_, err := PostgresConnString(in)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if strings.Contains(err.Error(), "s3") {
+				t.Fatalf("error shows the password: %v", err)
+			}
+		})
 	}
 }

@@ -2,20 +2,17 @@ package registry_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"log/slog"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
+	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 )
 
@@ -23,63 +20,14 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// testDatabaseEnv names the connection URL of the PostgreSQL the tests
-// use; each test works in a fresh schema of it.
-const testDatabaseEnv = "MACHINESERVICE_TEST_POSTGRES"
+// testDatabaseEnv names the connection URL of the test database.
+const testDatabaseEnv = pgtest.Env
 
-// freshSchema creates a schema with a random name in the test database
-// and returns a connection URL whose search_path selects it, and the
-// schema's name. The schema is dropped when the test ends.
+// freshSchema returns a connection string for a fresh schema, and its
+// name.
 func freshSchema(t *testing.T) (string, string) {
 	t.Helper()
-	base := os.Getenv(testDatabaseEnv)
-	if base == "" {
-		t.Skipf("%s is not set; set it to a PostgreSQL URL (for example postgres://postgres@127.0.0.1:5432/test?sslmode=disable) to run the PostgreSQL tests", testDatabaseEnv)
-	}
-	var b [6]byte
-	_, _ = rand.Read(b[:]) // never fails
-	schema := "ms_test_" + hex.EncodeToString(b[:])
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, base)
-	if err != nil {
-		t.Fatalf("connect to %s: %v", testDatabaseEnv, err)
-	}
-	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
-		t.Fatalf("create schema: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, base)
-		if err != nil {
-			t.Errorf("connect to drop schema %s: %v", schema, err)
-			return
-		}
-		defer conn.Close(ctx)
-		if _, err := conn.Exec(ctx, "DROP SCHEMA "+schema+" CASCADE"); err != nil {
-			t.Errorf("drop schema %s: %v", schema, err)
-		}
-	})
-	return withSearchPath(t, base, schema), schema
-}
-
-// withSearchPath adds search_path to a URL or key=value connection
-// string.
-func withSearchPath(t *testing.T, conn, schema string) string {
-	t.Helper()
-	if !strings.HasPrefix(conn, "postgres://") && !strings.HasPrefix(conn, "postgresql://") {
-		return conn + " search_path=" + schema
-	}
-	u, err := url.Parse(conn)
-	if err != nil {
-		t.Fatalf("%s: %v", testDatabaseEnv, err)
-	}
-	q := u.Query()
-	q.Set("search_path", schema)
-	u.RawQuery = q.Encode()
-	return u.String()
+	return pgtest.Schema(t)
 }
 
 // withHost points a connection URL at another address.
