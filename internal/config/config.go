@@ -285,7 +285,7 @@ func (c *Config) validateDatabase() []error {
 			bad(cs.env, "%v", err) // never quotes the value, which may hold a password
 		}
 	}
-	if !c.Dev && c.DatabaseConnectionString == "" && !(c.InMemoryClientList && c.DisableDatabaseStatistics) {
+	if !c.Dev && c.DatabaseConnectionString == "" && (!c.InMemoryClientList || !c.DisableDatabaseStatistics) {
 		bad("DATABASE__CONNECTIONSTRING", "required in production, unless ENVIRONMENT__INMEMORYCLIENTLIST=true and ENVIRONMENT__DISABLEDATABASESTATISTICS=true (or run with --dev)")
 	}
 	if c.DatabaseTimeout <= 0 {

@@ -203,7 +203,7 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 	if down {
 		return errDown
 	}
-	if err := p.upsert(ctx, c, e.historyPending); err != nil {
+	if err := p.upsert(ctx, c, p.opts.History, false); err != nil {
 		return p.failed("register", err)
 	}
 	p.mu.Lock()
@@ -214,7 +214,8 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 
 // Touch refreshes the entry if this connection owns it. An entry whose
 // row has vanished (reaped while this instance could not beat, or purged)
-// is written again.
+// is written again, unless the client has meanwhile connected to another
+// live instance.
 func (p *Postgres) Touch(ctx context.Context, clientID, organizationID, connectionID string) error {
 	k := key{clientID, organizationID}
 	l := p.stripe(k)
@@ -238,7 +239,7 @@ func (p *Postgres) Touch(ctx context.Context, clientID, organizationID, connecti
 		WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
 		clientID, organizationID, connectionID)
 	if err == nil && tag.RowsAffected() == 0 {
-		err = p.upsert(ctx, c, hist)
+		err = p.upsert(ctx, c, hist, true)
 		if err == nil {
 			p.mu.Lock()
 			e.historyPending = false
@@ -310,7 +311,7 @@ func (p *Postgres) Agents(ctx context.Context, organizationIDs []string) ([]Clie
 		  AND c.last_updated > now() - $3 * interval '1 second'
 		  AND i.heartbeat > now() - $4 * interval '1 second'
 		ORDER BY c.organization_id, c.client_id`,
-		organizationIDs, int16(wire.ClientTypeAgent), p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
+		organizationIDs, int(wire.ClientTypeAgent), p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
 	if err != nil {
 		return nil, p.failed("list agents", err)
 	}
@@ -375,8 +376,12 @@ func (p *Postgres) listable() error {
 // unreachable: they do not wait for it.
 var errDown = fmt.Errorf("%w: database unreachable; this instance's clients are kept in memory until it is back", ErrUnavailable)
 
-// upsert writes an entry, and its register event when hist is set.
-func (p *Postgres) upsert(ctx context.Context, c Client, hist bool) error {
+// upsert writes an entry, and its register event when hist is set. A
+// register replaces whatever row the client had; a reclaim (writing an
+// entry back) leaves alone a row that another live instance holds, since
+// the client has connected there since and this connection is on its way
+// out.
+func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) error {
 	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
 	defer cancel()
 	b := &pgx.Batch{}
@@ -391,9 +396,13 @@ func (p *Postgres) upsert(ctx context.Context, c Client, hist bool) error {
 			client_version = EXCLUDED.client_version,
 			machine_registration_id = EXCLUDED.machine_registration_id,
 			client_ip = EXCLUDED.client_ip,
-			last_updated = now()`,
-		c.ClientID, c.OrganizationID, int16(c.Type), c.InstanceID, c.ConnectionID,
-		c.MachineServerURI, c.ClientVersion, c.MachineRegistrationID, c.ClientIP)
+			last_updated = now()
+		WHERE NOT $10 OR clients.instance_id = EXCLUDED.instance_id OR NOT EXISTS (
+			SELECT 1 FROM instances i WHERE i.instance_id = clients.instance_id
+			AND i.heartbeat > now() - $11 * interval '1 second')`,
+		c.ClientID, c.OrganizationID, int(c.Type), c.InstanceID, c.ConnectionID,
+		c.MachineServerURI, c.ClientVersion, c.MachineRegistrationID, c.ClientIP,
+		reclaim, p.opts.InstanceTimeout.Seconds())
 	if hist {
 		queueHistory(b, "register", c, nil)
 	}
@@ -423,7 +432,7 @@ func queueHistory(b *pgx.Batch, event string, c Client, t *Traffic) {
 	b.Queue(`INSERT INTO client_history (event, client_id, organization_id, client_type, instance_id,
 			connection_id, client_ip, client_version, machine_registration_id, bytes_in, bytes_out)
 		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
-		event, c.ClientID, c.OrganizationID, int16(c.Type), c.InstanceID,
+		event, c.ClientID, c.OrganizationID, int(c.Type), c.InstanceID,
 		c.ConnectionID, c.ClientIP, c.ClientVersion, c.MachineRegistrationID, in, out)
 }
 
@@ -447,8 +456,8 @@ func (p *Postgres) failed(op string, err error) error {
 	if became {
 		p.log.Warn("registry database unreachable; clients are kept in memory until it is back", "op", op, "err", err)
 	}
-	if outage && wasWritable {
-		select { // probe soon rather than at the next heartbeat
+	if !outage || wasWritable {
+		select { // beat (and resync) soon rather than at the next heartbeat
 		case p.wake <- struct{}{}:
 		default:
 		}
@@ -594,7 +603,7 @@ func (p *Postgres) resync(ctx context.Context) {
 		p.mu.Unlock()
 		var err error
 		if e != nil {
-			if err = p.upsert(ctx, c, hist); err == nil {
+			if err = p.upsert(ctx, c, hist, true); err == nil {
 				written++
 				p.mu.Lock()
 				e.historyPending = false

@@ -180,6 +180,27 @@ func TestPostgresRegistry(t *testing.T) {
 		}
 	})
 
+	t.Run("a touch does not take back a client that moved to another live instance", func(t *testing.T) {
+		if err := r.Register(ctx, agent("e", orgA, "conn-e1")); err != nil {
+			t.Fatal(err)
+		}
+		exec(t, pool, `INSERT INTO instances (instance_id) VALUES ('two')`)
+		exec(t, pool, `UPDATE clients SET instance_id = 'two', connection_id = 'conn-e2' WHERE client_id = 'e'`)
+		if err := r.Touch(ctx, "e", orgA, "conn-e1"); err != nil {
+			t.Fatal(err)
+		}
+		if n := count(t, pool, `SELECT count(*) FROM clients WHERE client_id = 'e' AND instance_id = 'two'`); n != 1 {
+			t.Fatal("the touch took the entry back from the live instance")
+		}
+		if err := r.Unregister(ctx, "e", orgA, "conn-e1"); err != nil {
+			t.Fatal(err)
+		}
+		if n := count(t, pool, `SELECT count(*) FROM clients WHERE client_id = 'e' AND instance_id = 'two'`); n != 1 {
+			t.Fatal("the old connection's unregister removed the other instance's entry")
+		}
+		exec(t, pool, `DELETE FROM instances WHERE instance_id = 'two'`)
+	})
+
 	t.Run("a newer connection keeps its entry when the old one unregisters", func(t *testing.T) {
 		first := agent("d", orgA, "conn-d1")
 		if err := r.Register(ctx, first); err != nil {
