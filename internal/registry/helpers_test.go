@@ -3,12 +3,14 @@ package registry_test
 import (
 	"context"
 	"log/slog"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
@@ -30,15 +32,32 @@ func freshSchema(t *testing.T) (string, string) {
 	return pgtest.Schema(t)
 }
 
-// withHost points a connection URL at another address.
+// withHost points a connection string at another address.
 func withHost(t *testing.T, conn, hostport string) string {
 	t.Helper()
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pgtest.IsURL(conn) {
+		return conn + " host=" + host + " port=" + port // the last value wins
+	}
 	u, err := url.Parse(conn)
-	if err != nil || u.Scheme == "" {
-		t.Fatalf("%s must be a URL for this test: %v", testDatabaseEnv, err)
+	if err != nil {
+		t.Fatalf("%s: %v", testDatabaseEnv, err)
 	}
 	u.Host = hostport
 	return u.String()
+}
+
+// parseConn reads a connection string as pgx does.
+func parseConn(t *testing.T, conn string) *pgconn.Config {
+	t.Helper()
+	c, err := pgconn.ParseConfig(conn)
+	if err != nil {
+		t.Fatalf("%s: %v", testDatabaseEnv, err)
+	}
+	return c
 }
 
 // openPool opens a pool that is closed when the test ends.

@@ -5,8 +5,8 @@ import (
 	"errors"
 	"io"
 	"net"
-	"net/url"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -292,11 +292,8 @@ func TestKilledInstance(t *testing.T) {
 // listed again while the one that left during the outage is not.
 func TestDatabaseOutage(t *testing.T) {
 	_, conn := migratedPool(t)
-	u, err := url.Parse(conn)
-	if err != nil || u.Host == "" {
-		t.Skipf("%s must be a URL with a host for this test", testDatabaseEnv)
-	}
-	px := startProxy(t, u.Host)
+	pc := parseConn(t, conn)
+	px := startProxy(t, net.JoinHostPort(pc.Host, strconv.Itoa(int(pc.Port))))
 	a := startInstance(t, conn, "instance-a")
 	b := startInstance(t, withHost(t, conn, px.addr()), "instance-b")
 
