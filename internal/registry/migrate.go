@@ -15,7 +15,7 @@ import (
 )
 
 // The schema is a handful of tables, so the migration runner is the
-// sixty lines below rather than a library: the maintained ones either
+// short one below rather than a library: the maintained ones either
 // work through database/sql (goose) or bring their own driver stack
 // (golang-migrate), while this runs on the pgx pool the registry already
 // uses and takes an advisory lock so that instances starting together do
