@@ -1,6 +1,7 @@
 // Command machineservice runs the Machine Services relay and its tools.
 //
 //	machineservice serve [--dev] [--listen ADDR] [--tokens FILE]
+//	machineservice migrate
 //	machineservice env
 //	machineservice version
 package main
@@ -21,6 +22,7 @@ const usage = `usage: machineservice COMMAND [flags]
 
 commands:
   serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE)
+  migrate   apply the database schema migrations and exit (also: initonly)
   env       print every setting with its default and meaning
   version   print the version
 `
@@ -40,6 +42,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = serve(args[1:], stdout, stderr)
+	case "migrate", "initonly":
+		err = migrate(args[1:], stdout, os.Getenv)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

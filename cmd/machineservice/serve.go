@@ -12,13 +12,13 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
-	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
@@ -60,22 +60,28 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		log.Warn("the server key has expired: agents will refuse it", "expired", expires.Format(time.RFC3339))
 	}
 	st := stats.New()
+	be, err := openBackends(context.Background(), cfg, log)
+	if err != nil {
+		return err
+	}
 	srv, err := server.New(cfg, server.Deps{
 		Key:         key,
 		KeyObtained: obtained,
 		KeyExpires:  expires,
 		Controller:  ctrl,
-		Registry:    registry.NewMemory(registry.DefaultClientTimeout, nil),
+		Registry:    be.registry,
 		Events:      bus.NewLocal(log),
 		Stats:       st,
 		Logger:      log,
 		Version:     version,
 	})
 	if err != nil {
+		be.close(log)
 		return err
 	}
 	l, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
+		be.close(log)
 		return fmt.Errorf("listen on %s (ENVIRONMENT__LISTEN, --listen): %w", cfg.Listen, err)
 	}
 
@@ -83,8 +89,11 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		return nil // stopped before it started
 	}
 	bg, cancelBG := context.WithCancel(context.Background())
-	defer cancelBG()
-	go st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, nil)
+	var statsDone sync.WaitGroup
+	// After the shutdown has unregistered every connection: stop the
+	// statistics, then remove this instance from the database.
+	defer func() { cancelBG(); statsDone.Wait(); be.close(log) }()
+	statsDone.Go(func() { st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, be.exporter) })
 	go srv.PublishCertificate(bg, certificateInterval)
 
 	serveErr := make(chan error, 1)

@@ -448,6 +448,9 @@ func TestServeProduction(t *testing.T) {
 	env := childEnv(
 		"ENVIRONMENT__MACHINESERVERPRIVATE="+key,
 		"ENVIRONMENT__MACHINESERVERKEYEXPIRES="+expires,
+		// No database: production allows it only when told.
+		"ENVIRONMENT__INMEMORYCLIENTLIST=true",
+		"ENVIRONMENT__DISABLEDATABASESTATISTICS=true",
 	)
 
 	t.Run("without tokens", func(t *testing.T) {
@@ -493,7 +496,8 @@ func TestServeProduction(t *testing.T) {
 	})
 
 	t.Run("bad key", func(t *testing.T) {
-		env := childEnv("ENVIRONMENT__MACHINESERVERPRIVATE=bm90IGEga2V5", "ENVIRONMENT__MACHINESERVERKEYEXPIRES="+expires, "AUTH__TOKENSFILE="+examplesTokens(t))
+		env := childEnv("ENVIRONMENT__MACHINESERVERPRIVATE=bm90IGEga2V5", "ENVIRONMENT__MACHINESERVERKEYEXPIRES="+expires, "AUTH__TOKENSFILE="+examplesTokens(t),
+			"ENVIRONMENT__INMEMORYCLIENTLIST=true", "ENVIRONMENT__DISABLEDATABASESTATISTICS=true")
 		code, _, stderr := runChild(t, t.TempDir(), env, "serve", "--listen", freeAddr(t))
 		if code != 2 || !strings.Contains(stderr, "ENVIRONMENT__MACHINESERVERPRIVATE") {
 			t.Errorf("exit status %d, stderr %q; want 2 naming ENVIRONMENT__MACHINESERVERPRIVATE", code, stderr)

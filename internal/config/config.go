@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -50,6 +52,23 @@ type Config struct {
 	StatisticsInterval   time.Duration
 
 	DisablePingMessages bool
+
+	// PostgreSQL: the registry, client history and statistics that several
+	// instances share. Without a connection string everything stays in
+	// memory (development only, unless InMemoryClientList and
+	// DisableDatabaseStatistics say so).
+	DatabaseConnectionString      string // as given; see PostgresConnString
+	DatabaseAdminConnectionString string // for migrations; empty: the normal one
+	DatabaseTimeout               time.Duration
+	PublicURL                     string // this instance's URL, listed as machineServerUri
+	ClientTimeout                 time.Duration
+	HeartbeatInterval             time.Duration
+	InstanceTimeout               time.Duration
+	InMemoryClientList            bool
+	DisableDatabaseStatistics     bool
+	DisableDatabaseClientHistory  bool
+	StatisticsRetentionDays       int
+	VerifySchema                  bool
 
 	TokensFile       string
 	JWTSecret        string
@@ -113,6 +132,18 @@ func Settings() []Setting {
 		secondsSetting("ENVIRONMENT__STATUSREPORTINTERVALSECONDS", "", "30", "Seconds between status reports in the log (0 disables them).", func(c *Config) *time.Duration { return &c.StatusReportInterval }),
 		secondsSetting("ENVIRONMENT__SECONDSBETWEENSTATISTICS", "", "300", "Seconds between exports of the statistics counters, which are then reset (0 disables).", func(c *Config) *time.Duration { return &c.StatisticsInterval }),
 		boolSetting("ENVIRONMENT__DISABLEPINGMESSAGES", "", "false", "Do not publish a Ping activity event for agent pings.", func(c *Config) *bool { return &c.DisablePingMessages }),
+		strSetting("DATABASE__CONNECTIONSTRING", "", "", "PostgreSQL for the shared client registry, client history and statistics: a postgres:// URL, libpq key=value pairs, or Npgsql style Host=...;Port=...;Database=...;Username=...;Password=... . Without it everything is in memory (development only, unless ENVIRONMENT__INMEMORYCLIENTLIST and ENVIRONMENT__DISABLEDATABASESTATISTICS are true).", func(c *Config) *string { return &c.DatabaseConnectionString }),
+		documented(strSetting("DATABASE__ADMINCONNECTIONSTRING", "", "", "Connection string (same forms) for applying the schema migrations: `machineservice migrate`, and serve in development.", func(c *Config) *string { return &c.DatabaseAdminConnectionString }), "DATABASE__CONNECTIONSTRING"),
+		secondsSetting("DATABASE__TIMEOUTSECONDS", "", "3", "Seconds one registry write or list query may take; a slower database counts as unreachable and clients are kept locally until it is back.", func(c *Config) *time.Duration { return &c.DatabaseTimeout }),
+		strSetting("ENVIRONMENT__PUBLICURL", "", "", "This instance's public URL (for example wss://ms1.example.com), listed to portals as machineServerUri.", func(c *Config) *string { return &c.PublicURL }),
+		secondsSetting("ENVIRONMENT__CLIENTTIMEOUTSECONDS", "", "300", "Seconds a registration stays listed without a refresh (auth or ping).", func(c *Config) *time.Duration { return &c.ClientTimeout }),
+		secondsSetting("ENVIRONMENT__INSTANCEHEARTBEATSECONDS", "", "15", "Seconds between this instance's heartbeats in the database.", func(c *Config) *time.Duration { return &c.HeartbeatInterval }),
+		secondsSetting("ENVIRONMENT__INSTANCETIMEOUTSECONDS", "", "60", "Seconds after its last heartbeat that an instance's clients stop being listed and are removed (an instance that died without cleaning up).", func(c *Config) *time.Duration { return &c.InstanceTimeout }),
+		boolSetting("ENVIRONMENT__INMEMORYCLIENTLIST", "", "false", "Keep the client registry in memory even with a database (one instance only).", func(c *Config) *bool { return &c.InMemoryClientList }),
+		boolSetting("ENVIRONMENT__DISABLEDATABASESTATISTICS", "", "false", "Do not persist the statistics counters in the database (they are logged instead).", func(c *Config) *bool { return &c.DisableDatabaseStatistics }),
+		boolSetting("ENVIRONMENT__DISABLEDATABASECLIENTHISTORY", "", "false", "Do not record registers and unregisters (with bytes in and out) in the database.", func(c *Config) *bool { return &c.DisableDatabaseClientHistory }),
+		intSetting("ENVIRONMENT__STATISTICSRETENTIONDAYS", "", "30", "Days statistics and client history are kept; the daily cleanup purges older rows.", func(c *Config) *int { return &c.StatisticsRetentionDays }),
+		boolSetting("ENVIRONMENT__VERIFYSCHEMA", "", "true", "In production, refuse to start unless the database schema is up to date (run `machineservice migrate`).", func(c *Config) *bool { return &c.VerifySchema }),
 		strSetting("AUTH__TOKENSFILE", "tokens", "", "Built-in controller: JSON file of static agent and portal tokens.", func(c *Config) *string { return &c.TokensFile }),
 		strSetting("AUTH__JWTSECRET", "", "", "Built-in controller: HS256 secret for verifying JWT tokens.", func(c *Config) *string { return &c.JWTSecret }),
 		strSetting("AUTH__JWTPUBLICKEYFILE", "", "", "Built-in controller: PEM public key (RSA, ECDSA P-256 or Ed25519) for verifying RS256/ES256/EdDSA JWT tokens.", func(c *Config) *string { return &c.JWTPublicKeyFile }),
@@ -233,6 +264,7 @@ func (c *Config) Validate() error {
 	if c.StatisticsInterval < 0 {
 		bad("ENVIRONMENT__SECONDSBETWEENSTATISTICS", "must not be negative")
 	}
+	errs = append(errs, c.validateDatabase()...)
 	if c.JWTSecret != "" && c.JWTPublicKeyFile != "" {
 		bad("AUTH__JWTSECRET", "set either AUTH__JWTSECRET or AUTH__JWTPUBLICKEYFILE, not both")
 	}
@@ -243,6 +275,47 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: %w", ErrUsage, errors.Join(errs...))
 	}
 	return nil
+}
+
+// validateDatabase checks the PostgreSQL settings.
+func (c *Config) validateDatabase() []error {
+	var errs []error
+	bad := func(env, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", env, fmt.Sprintf(format, args...)))
+	}
+	for _, cs := range []struct{ env, v string }{
+		{"DATABASE__CONNECTIONSTRING", c.DatabaseConnectionString},
+		{"DATABASE__ADMINCONNECTIONSTRING", c.DatabaseAdminConnectionString},
+	} {
+		if _, err := PostgresConnString(cs.v); err != nil {
+			bad(cs.env, "%v", err) // never quotes the value, which may hold a password
+		}
+	}
+	if !c.Dev && c.DatabaseConnectionString == "" && (!c.InMemoryClientList || !c.DisableDatabaseStatistics) {
+		bad("DATABASE__CONNECTIONSTRING", "required in production, unless ENVIRONMENT__INMEMORYCLIENTLIST=true and ENVIRONMENT__DISABLEDATABASESTATISTICS=true (or run with --dev)")
+	}
+	if c.DatabaseTimeout <= 0 {
+		bad("DATABASE__TIMEOUTSECONDS", "must be greater than 0")
+	}
+	if c.ClientTimeout <= 0 {
+		bad("ENVIRONMENT__CLIENTTIMEOUTSECONDS", "must be greater than 0")
+	}
+	if c.HeartbeatInterval <= 0 {
+		bad("ENVIRONMENT__INSTANCEHEARTBEATSECONDS", "must be greater than 0")
+	}
+	if c.InstanceTimeout < 2*c.HeartbeatInterval {
+		bad("ENVIRONMENT__INSTANCETIMEOUTSECONDS", "must be at least twice ENVIRONMENT__INSTANCEHEARTBEATSECONDS, got %v and %v", c.InstanceTimeout, c.HeartbeatInterval)
+	}
+	if c.StatisticsRetentionDays <= 0 {
+		bad("ENVIRONMENT__STATISTICSRETENTIONDAYS", "must be greater than 0, got %d", c.StatisticsRetentionDays)
+	}
+	if c.PublicURL != "" {
+		u, err := url.Parse(c.PublicURL)
+		if err != nil || u.Host == "" || !slices.Contains([]string{"http", "https", "ws", "wss"}, u.Scheme) {
+			bad("ENVIRONMENT__PUBLICURL", "must be an absolute http(s) or ws(s) URL, got %q", c.PublicURL)
+		}
+	}
+	return errs
 }
 
 // PrintEnv writes every setting with its default and meaning.

@@ -203,9 +203,11 @@ func TestLoadProductionRequiresKey(t *testing.T) {
 	}
 
 	c := mustLoad(t, nil, map[string]string{
-		"ENVIRONMENT__ISPROD":                  "true",
-		"ENVIRONMENT__MACHINESERVERPRIVATE":    "a key",
-		"ENVIRONMENT__MACHINESERVERKEYEXPIRES": "2030-01-01T00:00:00Z",
+		"ENVIRONMENT__ISPROD":                    "true",
+		"ENVIRONMENT__MACHINESERVERPRIVATE":      "a key",
+		"ENVIRONMENT__MACHINESERVERKEYEXPIRES":   "2030-01-01T00:00:00Z",
+		"ENVIRONMENT__INMEMORYCLIENTLIST":        "true",
+		"ENVIRONMENT__DISABLEDATABASESTATISTICS": "true",
 	})
 	if c.Dev || !c.IsProd {
 		t.Errorf("Dev, IsProd = %v, %v; want false, true", c.Dev, c.IsProd)

@@ -13,8 +13,6 @@ import (
 )
 
 const (
-	orgA = "11111111-1111-1111-1111-111111111111"
-	orgB = "22222222-2222-2222-2222-222222222222"
 	orgC = "33333333-3333-3333-3333-333333333333"
 )
 
@@ -75,8 +73,8 @@ func register(t *testing.T, m *registry.Memory, cs ...registry.Client) {
 	}
 }
 
-// listed returns the client ids Agents lists for orgs.
-func listed(t *testing.T, m *registry.Memory, orgs ...string) []string {
+// memListed returns the client ids Agents lists for orgs.
+func memListed(t *testing.T, m *registry.Memory, orgs ...string) []string {
 	t.Helper()
 	cs, err := m.Agents(context.Background(), orgs)
 	if err != nil {
@@ -164,7 +162,7 @@ func TestMemoryTouch(t *testing.T) {
 
 	// Touched entries outlive the timeout from their registration.
 	clk.Advance(4 * time.Minute)
-	if ids := listed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/a1"}) {
+	if ids := memListed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/a1"}) {
 		t.Errorf("Agents 8 min after Register, 4 after Touch = %v, want [1/a1]", ids)
 	}
 	if err := m.Touch(ctx, "unknown", orgA, "conn-1"); err != nil {
@@ -200,7 +198,7 @@ func TestMemoryUnregister(t *testing.T) {
 	if _, ok := lookup(t, m, "a1", orgA); ok {
 		t.Error("entry still there after its connection's Unregister")
 	}
-	if ids := listed(t, m, orgA); len(ids) != 0 {
+	if ids := memListed(t, m, orgA); len(ids) != 0 {
 		t.Errorf("Agents after Unregister = %v", ids)
 	}
 	if err := m.Unregister(ctx, "a1", orgA, "conn-new"); err != nil {
@@ -215,11 +213,11 @@ func TestMemoryTimeout(t *testing.T) {
 	register(t, m, agent("new", orgA, "c2"), portal("p", orgA, "c3"))
 
 	clk.Advance(timeout - 2*time.Minute - time.Second)
-	if ids := listed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/new", "1/old"}) {
+	if ids := memListed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/new", "1/old"}) {
 		t.Errorf("just before the timeout: Agents = %v, want [1/new 1/old]", ids)
 	}
 	clk.Advance(time.Second)
-	if ids := listed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/new"}) {
+	if ids := memListed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/new"}) {
 		t.Errorf("at the timeout of old: Agents = %v, want [1/new]", ids)
 	}
 	if _, ok := lookup(t, m, "old", orgA); ok {
@@ -229,7 +227,7 @@ func TestMemoryTimeout(t *testing.T) {
 		t.Error("Lookup does not find a fresh portal")
 	}
 	clk.Advance(2 * time.Minute)
-	if ids := listed(t, m, orgA); len(ids) != 0 {
+	if ids := memListed(t, m, orgA); len(ids) != 0 {
 		t.Errorf("after every timeout: Agents = %v", ids)
 	}
 	if _, ok := lookup(t, m, "p", orgA); ok {
@@ -237,7 +235,7 @@ func TestMemoryTimeout(t *testing.T) {
 	}
 	// A new Register makes it fresh again.
 	register(t, m, agent("old", orgA, "c4"))
-	if ids := listed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/old"}) {
+	if ids := memListed(t, m, orgA); !reflect.DeepEqual(ids, []string{"1/old"}) {
 		t.Errorf("after registering again: Agents = %v", ids)
 	}
 }
@@ -247,11 +245,11 @@ func TestMemoryDefaultTimeout(t *testing.T) {
 	m := registry.NewMemory(0, clk.Now)
 	register(t, m, agent("a1", orgA, "c1"))
 	clk.Advance(registry.DefaultClientTimeout - time.Second)
-	if ids := listed(t, m, orgA); len(ids) != 1 {
+	if ids := memListed(t, m, orgA); len(ids) != 1 {
 		t.Errorf("within DefaultClientTimeout: Agents = %v", ids)
 	}
 	clk.Advance(time.Second)
-	if ids := listed(t, m, orgA); len(ids) != 0 {
+	if ids := memListed(t, m, orgA); len(ids) != 0 {
 		t.Errorf("after DefaultClientTimeout: Agents = %v", ids)
 	}
 }
@@ -281,7 +279,7 @@ func TestMemoryAgentsFilter(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprint(len(tt.orgs), tt.orgs), func(t *testing.T) {
-			if got := listed(t, m, tt.orgs...); !reflect.DeepEqual(got, tt.want) {
+			if got := memListed(t, m, tt.orgs...); !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("Agents = %v, want %v", got, tt.want)
 			}
 		})
@@ -368,13 +366,13 @@ func TestMemoryConcurrent(t *testing.T) {
 		t.Error(err)
 	}
 	// Every worker ended with a Register followed by its Unregister.
-	if ids := listed(t, m, orgA); len(ids) != 0 {
+	if ids := memListed(t, m, orgA); len(ids) != 0 {
 		t.Errorf("Agents after every worker unregistered = %v", ids)
 	}
 	for w := range workers {
 		register(t, m, agent(fmt.Sprintf("agent-%d", w), orgA, "final"))
 	}
-	if ids := listed(t, m, orgA); len(ids) != workers {
+	if ids := memListed(t, m, orgA); len(ids) != workers {
 		t.Errorf("Agents = %v, want %d entries", ids, workers)
 	}
 }

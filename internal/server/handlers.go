@@ -265,6 +265,7 @@ func (c *conn) becomeAuthenticated(id *identity) bool {
 		Type:                  c.role,
 		ConnectionID:          c.connID,
 		InstanceID:            s.cfg.InstanceID,
+		MachineServerURI:      s.cfg.PublicURL,
 		ClientVersion:         id.clientVersion,
 		MachineRegistrationID: id.registeredAgentID,
 		ClientIP:              c.remoteIP,
@@ -281,7 +282,8 @@ func (c *conn) becomeAuthenticated(id *identity) bool {
 // organization's portals when an agent left.
 func (c *conn) unregister(id *identity) {
 	s := c.srv
-	if err := s.reg.Unregister(context.Background(), id.clientID, id.orgID, c.connID); err != nil {
+	traffic := registry.Traffic{BytesIn: c.nc.in.Load(), BytesOut: c.nc.out.Load()}
+	if err := registry.UnregisterWithTraffic(context.Background(), s.reg, id.clientID, id.orgID, c.connID, traffic); err != nil {
 		s.stats.Inc(stats.RegistryFailure)
 		c.logger().Warn("unregistering the client failed", "err", err)
 	}

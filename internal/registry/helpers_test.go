@@ -1,0 +1,159 @@
+package registry_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
+
+	"github.com/machineservice/machineservice/internal/pgtest"
+	"github.com/machineservice/machineservice/internal/registry"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// testDatabaseEnv names the connection URL of the test database.
+const testDatabaseEnv = pgtest.Env
+
+// freshSchema returns a connection string for a fresh schema, and its
+// name.
+func freshSchema(t *testing.T) (string, string) {
+	t.Helper()
+	return pgtest.Schema(t)
+}
+
+// withHost points a connection string at another address.
+func withHost(t *testing.T, conn, hostport string) string {
+	t.Helper()
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pgtest.IsURL(conn) {
+		return conn + " host=" + host + " port=" + port // the last value wins
+	}
+	u, err := url.Parse(conn)
+	if err != nil {
+		t.Fatalf("%s: %v", testDatabaseEnv, err)
+	}
+	u.Host = hostport
+	return u.String()
+}
+
+// parseConn reads a connection string as pgx does.
+func parseConn(t *testing.T, conn string) *pgconn.Config {
+	t.Helper()
+	c, err := pgconn.ParseConfig(conn)
+	if err != nil {
+		t.Fatalf("%s: %v", testDatabaseEnv, err)
+	}
+	return c
+}
+
+// openPool opens a pool that is closed when the test ends.
+func openPool(t *testing.T, conn string) *pgxpool.Pool {
+	t.Helper()
+	pool, err := registry.OpenPool(context.Background(), conn, 2*time.Second)
+	if err != nil {
+		t.Fatalf("open pool: %v", err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+// migratedPool opens a pool on a fresh, migrated schema.
+func migratedPool(t *testing.T) (*pgxpool.Pool, string) {
+	t.Helper()
+	conn, _ := freshSchema(t)
+	pool := openPool(t, conn)
+	if _, err := registry.Migrate(context.Background(), pool); err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	return pool, conn
+}
+
+// newPostgres starts a registry that is closed when the test ends.
+func newPostgres(t *testing.T, pool *pgxpool.Pool, o registry.PostgresOptions) *registry.Postgres {
+	t.Helper()
+	if o.Logger == nil {
+		o.Logger = testLogger(t)
+	}
+	r, err := registry.NewPostgres(context.Background(), pool, o)
+	if err != nil {
+		t.Fatalf("new postgres registry: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := r.Close(context.Background()); err != nil {
+			t.Errorf("close registry: %v", err)
+		}
+	})
+	return r
+}
+
+// count runs a counting query.
+func count(t *testing.T, pool *pgxpool.Pool, sql string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+// exec runs a statement.
+func exec(t *testing.T, pool *pgxpool.Pool, sql string, args ...any) {
+	t.Helper()
+	if _, err := pool.Exec(context.Background(), sql, args...); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// testLogger logs through t.Log while the test runs.
+func testLogger(t *testing.T) *slog.Logger {
+	w := &testWriter{t: t}
+	t.Cleanup(w.stop)
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct {
+	mu   sync.Mutex
+	t    *testing.T
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *testWriter) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
+}

@@ -1,0 +1,653 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/machineservice/machineservice/wire"
+)
+
+// Defaults of PostgresOptions.
+const (
+	DefaultInstanceTimeout   = 60 * time.Second
+	DefaultHeartbeatInterval = 15 * time.Second
+	DefaultTimeout           = 3 * time.Second
+	// retryInterval is how often an unreachable database is probed.
+	retryInterval = time.Second
+)
+
+// PostgresOptions configure a Postgres registry.
+type PostgresOptions struct {
+	// InstanceID owns this instance's rows. Required.
+	InstanceID string
+	// PublicURL is recorded with the instance's heartbeat.
+	PublicURL string
+	// ClientTimeout: entries not refreshed for longer are not listed.
+	// Zero means DefaultClientTimeout.
+	ClientTimeout time.Duration
+	// InstanceTimeout: the entries of an instance whose heartbeat is
+	// older are not listed, and are reaped. Zero means
+	// DefaultInstanceTimeout.
+	InstanceTimeout time.Duration
+	// HeartbeatInterval between heartbeats. Zero means
+	// DefaultHeartbeatInterval.
+	HeartbeatInterval time.Duration
+	// Timeout bounds each database call, so that an unreachable database
+	// delays a client by at most this much. Zero means DefaultTimeout.
+	Timeout time.Duration
+	// History records every register and unregister in client_history.
+	History bool
+	// Logger hears of outages and recoveries; nil discards.
+	Logger *slog.Logger
+}
+
+// Postgres is a Registry in PostgreSQL that several instances share.
+//
+// Each instance keeps a heartbeat row; entries are listed only while
+// their instance's heartbeat is fresh, and the heartbeat loop of every
+// instance reaps those of instances that stopped. The registry also
+// keeps this instance's own entries in memory: while the database is
+// unreachable writes fail fast and are recorded there, and once the
+// heartbeat gets through again every local entry is written anew and the
+// missed unregisters are applied, before Agents answers again.
+type Postgres struct {
+	// static after NewPostgres
+	pool *pgxpool.Pool
+	opts PostgresOptions
+	log  *slog.Logger
+	seed maphash.Seed
+	// stripes order the database writes of one client key: a key's
+	// local entry and its row are only changed under its stripe.
+	stripes [64]sync.Mutex
+
+	stop      chan struct{}
+	done      chan struct{} // closed when the heartbeat loop ends
+	wake      chan struct{} // a write failed: probe soon
+	closeOnce sync.Once
+
+	mu      sync.Mutex
+	local   map[key]*entry
+	pending map[pendingKey]pendingUnregister
+	// writesDown: writes are not tried, only recorded locally, until a
+	// heartbeat gets through. listDown: Agents and Lookup fail, until
+	// the local entries are written back.
+	writesDown, listDown bool
+	// dirty: something was not written; the next heartbeat resyncs.
+	dirty     bool
+	failures  uint64 // write failures so far, to tell if a resync saw one
+	downSince time.Time
+}
+
+type entry struct {
+	c              Client
+	historyPending bool // the register is not yet in client_history
+}
+
+type pendingKey struct {
+	key
+	connectionID string
+}
+
+type pendingUnregister struct {
+	c       Client
+	traffic Traffic
+}
+
+var (
+	_ Registry        = (*Postgres)(nil)
+	_ TrafficRecorder = (*Postgres)(nil)
+)
+
+// NewPostgres starts a registry on pool, which the caller keeps and
+// closes after Close. It removes rows a previous run under the same
+// instance id left behind, writes the first heartbeat, and keeps beating
+// until Close or until ctx ends. Ending ctx without Close leaves the rows
+// in place, as a killed process would; the other instances reap them.
+func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*Postgres, error) {
+	if o.InstanceID == "" {
+		return nil, errors.New("registry: no instance id")
+	}
+	if o.ClientTimeout <= 0 {
+		o.ClientTimeout = DefaultClientTimeout
+	}
+	if o.InstanceTimeout <= 0 {
+		o.InstanceTimeout = DefaultInstanceTimeout
+	}
+	if o.HeartbeatInterval <= 0 {
+		o.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultTimeout
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &Postgres{
+		pool:    pool,
+		opts:    o,
+		log:     log,
+		seed:    maphash.MakeSeed(),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+		wake:    make(chan struct{}, 1),
+		local:   map[key]*entry{},
+		pending: map[pendingKey]pendingUnregister{},
+	}
+	sctx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	b := &pgx.Batch{}
+	b.Queue(`DELETE FROM instances WHERE instance_id = $1`, o.InstanceID)
+	p.queueHeartbeat(b)
+	if err := pool.SendBatch(sctx, b).Close(); err != nil {
+		return nil, fmt.Errorf("registry: first heartbeat: %w", err)
+	}
+	go p.run(ctx)
+	return p, nil
+}
+
+// Close stops the heartbeat and deletes this instance's row and, with
+// it, its entries.
+func (p *Postgres) Close(ctx context.Context) error {
+	p.closeOnce.Do(func() { close(p.stop) })
+	<-p.done
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	if _, err := p.pool.Exec(ctx, `DELETE FROM instances WHERE instance_id = $1`, p.opts.InstanceID); err != nil {
+		return fmt.Errorf("registry: remove instance: %w", err)
+	}
+	return nil
+}
+
+func (p *Postgres) stripe(k key) *sync.Mutex {
+	var h maphash.Hash
+	h.SetSeed(p.seed)
+	h.WriteString(k.client)
+	h.WriteByte(0)
+	h.WriteString(k.org)
+	return &p.stripes[h.Sum64()%uint64(len(p.stripes))]
+}
+
+// Register adds or replaces the entry. When the database cannot be
+// written the entry is kept locally, written once the database is back,
+// and the error wraps ErrUnavailable.
+func (p *Postgres) Register(ctx context.Context, c Client) error {
+	if c.InstanceID == "" {
+		c.InstanceID = p.opts.InstanceID
+	}
+	k := key{c.ClientID, c.OrganizationID}
+	l := p.stripe(k)
+	l.Lock()
+	defer l.Unlock()
+	now := time.Now()
+	p.mu.Lock()
+	if old := p.local[k]; old != nil {
+		c.FirstSeen = old.c.FirstSeen
+	} else {
+		c.FirstSeen = now
+	}
+	c.LastUpdated = now
+	e := &entry{c: c, historyPending: p.opts.History}
+	p.local[k] = e
+	down := p.writesDown
+	p.mu.Unlock()
+	if down {
+		return errDown
+	}
+	if err := p.upsert(ctx, c, p.opts.History, false); err != nil {
+		return p.failed("register", err)
+	}
+	p.mu.Lock()
+	e.historyPending = false
+	p.mu.Unlock()
+	return nil
+}
+
+// Touch refreshes the entry if this connection owns it. An entry whose
+// row has vanished (reaped while this instance could not beat, or purged)
+// is written again, unless the client has meanwhile connected to another
+// live instance.
+func (p *Postgres) Touch(ctx context.Context, clientID, organizationID, connectionID string) error {
+	k := key{clientID, organizationID}
+	l := p.stripe(k)
+	l.Lock()
+	defer l.Unlock()
+	p.mu.Lock()
+	e := p.local[k]
+	if e == nil || e.c.ConnectionID != connectionID {
+		p.mu.Unlock()
+		return nil
+	}
+	e.c.LastUpdated = time.Now()
+	c, hist, down := e.c, e.historyPending, p.writesDown
+	p.mu.Unlock()
+	if down {
+		return errDown
+	}
+	cctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	tag, err := p.pool.Exec(cctx, `UPDATE clients SET last_updated = now()
+		WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
+		clientID, organizationID, connectionID)
+	if err == nil && tag.RowsAffected() == 0 {
+		err = p.upsert(ctx, c, hist, true)
+		if err == nil {
+			p.mu.Lock()
+			e.historyPending = false
+			p.mu.Unlock()
+		}
+	}
+	if err != nil {
+		return p.failed("touch", err)
+	}
+	return nil
+}
+
+// Unregister removes the entry if this connection owns it.
+func (p *Postgres) Unregister(ctx context.Context, clientID, organizationID, connectionID string) error {
+	return p.UnregisterTraffic(ctx, clientID, organizationID, connectionID, Traffic{})
+}
+
+// UnregisterTraffic is Unregister that records the connection's traffic
+// in the history. An unregister that cannot be written now is applied
+// once the database is back.
+func (p *Postgres) UnregisterTraffic(ctx context.Context, clientID, organizationID, connectionID string, t Traffic) error {
+	k := key{clientID, organizationID}
+	l := p.stripe(k)
+	l.Lock()
+	defer l.Unlock()
+	p.mu.Lock()
+	c := Client{ClientID: clientID, OrganizationID: organizationID, InstanceID: p.opts.InstanceID}
+	if e := p.local[k]; e != nil {
+		// A newer connection of the same client still describes it
+		// for the history.
+		c = e.c
+		if e.c.ConnectionID == connectionID {
+			delete(p.local, k)
+		}
+	}
+	c.ConnectionID = connectionID
+	down := p.writesDown
+	pk := pendingKey{k, connectionID}
+	if down {
+		p.pending[pk] = pendingUnregister{c: c, traffic: t}
+	}
+	p.mu.Unlock()
+	if down {
+		return errDown
+	}
+	if err := p.remove(ctx, c, t); err != nil {
+		p.mu.Lock()
+		p.pending[pk] = pendingUnregister{c: c, traffic: t}
+		p.mu.Unlock()
+		return p.failed("unregister", err)
+	}
+	return nil
+}
+
+// Agents lists the agents of the organizations refreshed within the
+// client timeout whose instance is alive. While the database is
+// unreachable, or this instance's entries are not yet written back, it
+// fails with an error wrapping ErrUnavailable rather than answer a list
+// that misses clients.
+func (p *Postgres) Agents(ctx context.Context, organizationIDs []string) ([]Client, error) {
+	if err := p.listable(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
+		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
+		WHERE c.organization_id = ANY($1) AND c.client_type = $2
+		  AND c.last_updated > now() - $3 * interval '1 second'
+		  AND i.heartbeat > now() - $4 * interval '1 second'
+		ORDER BY c.organization_id, c.client_id`,
+		organizationIDs, int(wire.ClientTypeAgent), p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
+	if err != nil {
+		return nil, p.failed("list agents", err)
+	}
+	out, err := pgx.CollectRows(rows, scanClient)
+	if err != nil {
+		return nil, p.failed("list agents", err)
+	}
+	return out, nil
+}
+
+// Lookup returns the fresh entry of a client in one of the organizations,
+// preferring them in the order given.
+func (p *Postgres) Lookup(ctx context.Context, clientID string, organizationIDs []string) (Client, bool, error) {
+	if err := p.listable(); err != nil {
+		return Client{}, false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
+		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
+		WHERE c.client_id = $1 AND c.organization_id = ANY($2)
+		  AND c.last_updated > now() - $3 * interval '1 second'
+		  AND i.heartbeat > now() - $4 * interval '1 second'
+		ORDER BY array_position($2, c.organization_id)
+		LIMIT 1`,
+		clientID, organizationIDs, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
+	if err != nil {
+		return Client{}, false, p.failed("lookup", err)
+	}
+	c, err := pgx.CollectExactlyOneRow(rows, scanClient)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Client{}, false, nil
+	}
+	if err != nil {
+		return Client{}, false, p.failed("lookup", err)
+	}
+	return c, true, nil
+}
+
+const clientColumns = `c.client_id, c.organization_id, c.client_type, c.connection_id, c.instance_id,
+	c.machine_server_uri, c.client_version, c.machine_registration_id, c.client_ip, c.first_seen, c.last_updated`
+
+func scanClient(row pgx.CollectableRow) (Client, error) {
+	var c Client
+	var typ int16
+	err := row.Scan(&c.ClientID, &c.OrganizationID, &typ, &c.ConnectionID, &c.InstanceID,
+		&c.MachineServerURI, &c.ClientVersion, &c.MachineRegistrationID, &c.ClientIP, &c.FirstSeen, &c.LastUpdated)
+	c.Type = wire.ClientType(typ)
+	return c, err
+}
+
+func (p *Postgres) listable() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.listDown {
+		return errDown
+	}
+	return nil
+}
+
+// errDown is what calls answer while the database is known to be
+// unreachable: they do not wait for it.
+var errDown = fmt.Errorf("%w: database unreachable; this instance's clients are kept in memory until it is back", ErrUnavailable)
+
+// upsert writes an entry, and its register event when hist is set. A
+// register replaces whatever row the client had; a reclaim (writing an
+// entry back) leaves alone a row that another live instance holds, since
+// the client has connected there since and this connection is on its way
+// out.
+func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) error {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	b := &pgx.Batch{}
+	b.Queue(`INSERT INTO clients (client_id, organization_id, client_type, instance_id, connection_id,
+			machine_server_uri, client_version, machine_registration_id, client_ip, first_seen, last_updated)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), now())
+		ON CONFLICT (client_id, organization_id) DO UPDATE SET
+			client_type = EXCLUDED.client_type,
+			instance_id = EXCLUDED.instance_id,
+			connection_id = EXCLUDED.connection_id,
+			machine_server_uri = EXCLUDED.machine_server_uri,
+			client_version = EXCLUDED.client_version,
+			machine_registration_id = EXCLUDED.machine_registration_id,
+			client_ip = EXCLUDED.client_ip,
+			last_updated = now()
+		WHERE NOT $10 OR clients.instance_id = EXCLUDED.instance_id OR NOT EXISTS (
+			SELECT 1 FROM instances i WHERE i.instance_id = clients.instance_id
+			AND i.heartbeat > now() - $11 * interval '1 second')`,
+		c.ClientID, c.OrganizationID, int(c.Type), c.InstanceID, c.ConnectionID,
+		c.MachineServerURI, c.ClientVersion, c.MachineRegistrationID, c.ClientIP,
+		reclaim, p.opts.InstanceTimeout.Seconds())
+	if hist {
+		queueHistory(b, "register", c, nil)
+	}
+	// A batch runs as one implicit transaction.
+	return p.pool.SendBatch(ctx, b).Close()
+}
+
+// remove deletes the connection's entry, if it still owns the row, and
+// records the unregister.
+func (p *Postgres) remove(ctx context.Context, c Client, t Traffic) error {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	b := &pgx.Batch{}
+	b.Queue(`DELETE FROM clients WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
+		c.ClientID, c.OrganizationID, c.ConnectionID)
+	if p.opts.History {
+		queueHistory(b, "unregister", c, &t)
+	}
+	return p.pool.SendBatch(ctx, b).Close()
+}
+
+func queueHistory(b *pgx.Batch, event string, c Client, t *Traffic) {
+	var in, out *int64
+	if t != nil {
+		in, out = &t.BytesIn, &t.BytesOut
+	}
+	b.Queue(`INSERT INTO client_history (event, client_id, organization_id, client_type, instance_id,
+			connection_id, client_ip, client_version, machine_registration_id, bytes_in, bytes_out)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+		event, c.ClientID, c.OrganizationID, int(c.Type), c.InstanceID,
+		c.ConnectionID, c.ClientIP, c.ClientVersion, c.MachineRegistrationID, in, out)
+}
+
+// failed notes a failed database call: the next heartbeat writes this
+// instance's entries again, and unless the server answered with an
+// ordinary SQL error the database counts as unreachable until then.
+func (p *Postgres) failed(op string, err error) error {
+	outage := isOutage(err)
+	p.mu.Lock()
+	p.failures++
+	p.dirty = true
+	wasWritable := !p.writesDown
+	became := outage && !p.listDown
+	if outage {
+		p.writesDown, p.listDown = true, true
+		if became {
+			p.downSince = time.Now()
+		}
+	}
+	p.mu.Unlock()
+	if became {
+		p.log.Warn("registry database unreachable; clients are kept in memory until it is back", "op", op, "err", err)
+	}
+	if !outage || wasWritable {
+		select { // beat (and resync) soon rather than at the next heartbeat
+		case p.wake <- struct{}{}:
+		default:
+		}
+	}
+	if outage {
+		return fmt.Errorf("%w: %s: %w", ErrUnavailable, op, err)
+	}
+	return fmt.Errorf("registry: %s: %w", op, err)
+}
+
+// isOutage tells a database that cannot be reached (or is going away)
+// from one that refused a statement.
+func isOutage(err error) bool {
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) {
+		return true
+	}
+	switch pe.Code[:2] {
+	case "08", // connection exception
+		"53", // insufficient resources
+		"57", // operator intervention: shutdown, cancel
+		"58": // system error
+		return true
+	}
+	return false
+}
+
+// run is the heartbeat loop: a heartbeat and a reap every interval, or a
+// probe every retryInterval while the database is unreachable, and the
+// resync once it is back.
+func (p *Postgres) run(ctx context.Context) {
+	defer close(p.done)
+	t := time.NewTimer(p.opts.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.stop:
+			return
+		case <-p.wake:
+			t.Reset(min(retryInterval, p.opts.HeartbeatInterval))
+			continue
+		case <-t.C:
+		}
+		p.beat(ctx)
+		p.mu.Lock()
+		next := p.opts.HeartbeatInterval
+		if p.writesDown {
+			next = min(retryInterval, next)
+		}
+		p.mu.Unlock()
+		t.Reset(next)
+	}
+}
+
+func (p *Postgres) queueHeartbeat(b *pgx.Batch) {
+	b.Queue(`INSERT INTO instances (instance_id, machine_server_uri, started_at, heartbeat)
+		VALUES ($1, $2, now(), now())
+		ON CONFLICT (instance_id) DO UPDATE SET heartbeat = now(), machine_server_uri = EXCLUDED.machine_server_uri`,
+		p.opts.InstanceID, p.opts.PublicURL)
+}
+
+// beat writes the heartbeat and reaps instances whose heartbeat stopped
+// (their clients go with them). Several instances reaping at once delete
+// the same rows; that is harmless.
+func (p *Postgres) beat(ctx context.Context) {
+	bctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	b := &pgx.Batch{}
+	p.queueHeartbeat(b)
+	b.Queue(`DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second' AND instance_id <> $2`,
+		p.opts.InstanceTimeout.Seconds(), p.opts.InstanceID)
+	err := p.pool.SendBatch(bctx, b).Close()
+	cancel()
+	if err != nil {
+		_ = p.failed("heartbeat", err) // failed records it; there is no caller to tell
+		return
+	}
+	p.mu.Lock()
+	need := p.writesDown || p.dirty
+	p.mu.Unlock()
+	if need {
+		p.resync(ctx)
+	}
+}
+
+// resync applies the unregisters that were missed and writes every local
+// entry again. Writes are let through first, so that the entries added
+// meanwhile are written by their own calls; the list opens only when the
+// resync went through without a failure.
+func (p *Postgres) resync(ctx context.Context) {
+	p.mu.Lock()
+	start := p.failures
+	p.dirty = false
+	p.writesDown = false
+	since := p.downSince
+	wasDown := p.listDown
+	pend := make([]pendingKey, 0, len(p.pending))
+	for k := range p.pending {
+		pend = append(pend, k)
+	}
+	keys := make([]key, 0, len(p.local))
+	for k := range p.local {
+		keys = append(keys, k)
+	}
+	p.mu.Unlock()
+
+	removed := 0
+	for _, pk := range pend {
+		l := p.stripe(pk.key)
+		l.Lock()
+		p.mu.Lock()
+		u, ok := p.pending[pk]
+		delete(p.pending, pk)
+		p.mu.Unlock()
+		var err error
+		if ok {
+			if err = p.remove(ctx, u.c, u.traffic); err != nil {
+				p.mu.Lock()
+				p.pending[pk] = u
+				p.mu.Unlock()
+			} else {
+				removed++
+			}
+		}
+		l.Unlock()
+		if err != nil {
+			_ = p.failed("resync unregister", err) // the next heartbeat retries
+			return
+		}
+	}
+	written := 0
+	for _, k := range keys {
+		l := p.stripe(k)
+		l.Lock()
+		p.mu.Lock()
+		e := p.local[k]
+		var c Client
+		var hist bool
+		if e != nil {
+			c, hist = e.c, e.historyPending
+		}
+		p.mu.Unlock()
+		var err error
+		if e != nil {
+			if err = p.upsert(ctx, c, hist, true); err == nil {
+				written++
+				p.mu.Lock()
+				e.historyPending = false
+				p.mu.Unlock()
+			}
+		}
+		l.Unlock()
+		if err != nil {
+			_ = p.failed("resync register", err) // the next heartbeat retries
+			return
+		}
+	}
+	p.mu.Lock()
+	ok := p.failures == start
+	if ok {
+		p.listDown = false
+	}
+	p.mu.Unlock()
+	if ok && wasDown {
+		p.log.Info("registry database reachable again; this instance's clients are written back",
+			"clients", written, "unregisters", removed, "outage", time.Since(since).Round(time.Millisecond).String())
+	}
+}
+
+// OpenPool connects to PostgreSQL with connString (a URL or key=value
+// pairs; see config.PostgresConnString for the Npgsql form). Connecting
+// takes at most timeout unless connString sets connect_timeout.
+func OpenPool(ctx context.Context, connString string, timeout time.Duration) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(connString)
+	if err != nil {
+		return nil, fmt.Errorf("parse connection string: %w", err)
+	}
+	if cfg.ConnConfig.ConnectTimeout == 0 && timeout > 0 {
+		cfg.ConnConfig.ConnectTimeout = timeout
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open pool: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, max(timeout, time.Second))
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.ConnConfig.Host, cfg.ConnConfig.Port, err)
+	}
+	return pool, nil
+}
