@@ -1,6 +1,7 @@
 // Command machineservice runs the Machine Services relay and its tools.
 //
-//	machineservice serve [--dev] [--listen ADDR] [--tokens FILE]
+//	machineservice serve [--dev] [--listen ADDR] [--tokens FILE] [--metrics-listen ADDR]
+//	machineservice ctl [--socket PATH] COMMAND [ARG]...
 //	machineservice env
 //	machineservice version
 package main
@@ -20,7 +21,8 @@ var version = "dev"
 const usage = `usage: machineservice COMMAND [flags]
 
 commands:
-  serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE)
+  serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE, --metrics-listen ADDR)
+  ctl       control a running server: machineservice ctl [--socket PATH] COMMAND (ctl help lists them)
   env       print every setting with its default and meaning
   version   print the version
 `
@@ -40,6 +42,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = serve(args[1:], stderr)
+	case "ctl":
+		return runCtl(args[1:], stdout, stderr, os.Getenv)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

@@ -14,9 +14,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/logging"
+	"github.com/machineservice/machineservice/internal/metrics"
+	"github.com/machineservice/machineservice/internal/protect"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
@@ -35,7 +41,8 @@ func serve(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg, stderr)
+	logCtl := logging.NewControl(cfg.LogLevel())
+	log := logging.New(stderr, !cfg.Dev, logCtl)
 
 	key, obtained, expires, err := serverKey(cfg, log)
 	if err != nil {
@@ -46,16 +53,37 @@ func serve(args []string, stderr io.Writer) error {
 		return err
 	}
 	st := stats.New()
+	var m *metrics.Metrics
+	var gatherer *prometheus.Registry
+	if cfg.MetricsListen != config.Off {
+		gatherer = prometheus.NewRegistry()
+		gatherer.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		if m, err = metrics.New(gatherer, server.ReasonNames()); err != nil {
+			return err
+		}
+		st.SetObserver(m)
+		ctrl = metrics.TimeController(ctrl, m)
+	}
+	bg, cancelBG := context.WithCancel(context.Background())
+	defer cancelBG()
+	guard, err := protect.New(bg, cfg, protect.Deps{Logger: log, Stats: st, Metrics: m})
+	if err != nil {
+		return fmt.Errorf("IP blacklist (IPBLACKLIST__STORAGE, IPBLACKLIST__ENTRY): %w", err)
+	}
+	reg := registry.NewMemory(registry.DefaultClientTimeout, nil)
+	events := bus.NewLocal(log)
 	srv, err := server.New(cfg, server.Deps{
 		Key:         key,
 		KeyObtained: obtained,
 		KeyExpires:  expires,
 		Controller:  ctrl,
-		Registry:    registry.NewMemory(registry.DefaultClientTimeout, nil),
-		Events:      bus.NewLocal(log),
+		Registry:    reg,
+		Events:      events,
 		Stats:       st,
 		Logger:      log,
 		Version:     version,
+		Metrics:     m,
+		Middleware:  guard.Wrap,
 	})
 	if err != nil {
 		return err
@@ -64,13 +92,25 @@ func serve(args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s (ENVIRONMENT__LISTEN, --listen): %w", cfg.Listen, err)
 	}
+	defer l.Close() // after Serve it is closed already; this covers the early returns
+	stopOps, err := startOps(cfg, log, opsDeps{
+		logging:  logCtl,
+		server:   srv,
+		stats:    st,
+		guard:    guard,
+		gatherer: gatherer,
+		checks:   readinessChecks(srv, reg, events, ctrl),
+	})
+	if err != nil {
+		return err
+	}
+	defer stopOps()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	bg, cancelBG := context.WithCancel(context.Background())
-	defer cancelBG()
 	go st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, nil)
 	go srv.PublishCertificate(bg, certificateInterval)
+	go guard.Run(bg)
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
@@ -79,7 +119,8 @@ func serve(args []string, stderr io.Writer) error {
 		"instance", cfg.InstanceID,
 		"dev", cfg.Dev,
 		"key_hash", wire.PublicKeyHash(&key.PublicKey),
-		"version", version)
+		"version", version,
+		"protection", guard.String())
 
 	select {
 	case err := <-serveErr:
@@ -99,14 +140,6 @@ func serve(args []string, stderr io.Writer) error {
 	}
 	log.Info("stopped")
 	return nil
-}
-
-func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
-	opts := &slog.HandlerOptions{Level: slog.LevelInfo}
-	if cfg.Dev {
-		return slog.New(slog.NewTextHandler(w, opts))
-	}
-	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
 // serverKey returns the configured key or, in development mode, the key

@@ -16,4 +16,8 @@ var (
 	ErrControlStale = errors.New("control request expired")
 	// ErrServerClosed is returned by Serve after Shutdown.
 	ErrServerClosed = errors.New("server closed")
+	// ErrNotServing means Serve has not been called yet.
+	ErrNotServing = errors.New("server not serving yet")
+	// ErrShuttingDown means Shutdown has begun.
+	ErrShuttingDown = errors.New("server shutting down")
 )
