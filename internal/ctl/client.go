@@ -38,7 +38,7 @@ func Do(ctx context.Context, socket string, req Request) (Response, error) {
 		return Response{}, fmt.Errorf("send request: %w", err)
 	}
 	line, err := bufio.NewReader(io.LimitReader(c, maxOutputSize)).ReadBytes('\n')
-	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
+	if err != nil && (!errors.Is(err, io.EOF) || len(line) == 0) {
 		return Response{}, fmt.Errorf("read answer: %w", err)
 	}
 	var resp Response

@@ -148,7 +148,7 @@ func (s *Server) handle(c *net.UnixConn) {
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(requestTimeout)) // fails only on a closed conn, which the read sees
 	line, err := bufio.NewReader(io.LimitReader(c, maxRequestSize)).ReadBytes('\n')
-	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
+	if err != nil && (!errors.Is(err, io.EOF) || len(line) == 0) {
 		s.d.Logger.Debug("control request not read", "err", err)
 		return
 	}

@@ -44,12 +44,6 @@ const (
 
 var rules = []string{RuleBlacklist, RuleRateLimit, RuleScanner, RuleOrigin, RuleMaxConnections, RuleMaxConnectionsPerIP}
 
-// series maps a statistics counter to the labelled series it also counts.
-type series struct {
-	vec    *prometheus.CounterVec
-	labels []string
-}
-
 // Metrics is the server's collectors.
 type Metrics struct {
 	connections   *prometheus.GaugeVec

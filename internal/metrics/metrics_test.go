@@ -293,14 +293,14 @@ func TestMetricsFollowTraffic(t *testing.T) {
 		t.Fatal("wrong token accepted")
 	}
 	e.expect(map[string]float64{
-		"machineservice_auth_total role agent result success":                1,
-		"machineservice_auth_total role agent result failure":                1,
-		"machineservice_auth_total role portal result success":               1,
-		"machineservice_connections role agent authenticated true":           1,
-		"machineservice_connections role agent authenticated false":          0,
-		"machineservice_connections role portal authenticated true":          1,
-		"machineservice_closes_total reason auth_rejected":                   1,
-		"machineservice_bus_request_duration_seconds request validate_agent": 2,
+		"machineservice_auth_total role agent result success":                 1,
+		"machineservice_auth_total role agent result failure":                 1,
+		"machineservice_auth_total role portal result success":                1,
+		"machineservice_connections role agent authenticated true":            1,
+		"machineservice_connections role agent authenticated false":           0,
+		"machineservice_connections role portal authenticated true":           1,
+		"machineservice_closes_total reason auth_rejected":                    1,
+		"machineservice_bus_request_duration_seconds request validate_agent":  2,
 		"machineservice_bus_request_duration_seconds request validate_portal": 1,
 	})
 

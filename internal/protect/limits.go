@@ -77,12 +77,6 @@ func (l *limiters) allow(a netip.Addr) bool {
 	return b.lim.AllowN(now, 1)
 }
 
-func (l *limiters) len() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.buckets)
-}
-
 // connCounter counts the open WebSocket connections, in total and per
 // client address, against their caps (0: none).
 type connCounter struct {
