@@ -72,10 +72,11 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	hub        hub
-	pending    pendingControls
-	relayTimes relayTimes
-	readers    sync.WaitGroup // one per open connection
+	hub     hub
+	pending pendingControls
+	readers sync.WaitGroup // one per open connection
+
+	relayTimes relayTimes // commands awaiting their answer, for the relay histogram
 
 	mu       sync.Mutex
 	serving  bool
