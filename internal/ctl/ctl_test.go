@@ -253,22 +253,22 @@ func TestTrace(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	ping := func(c *testclient.Conn) {
+		t.Helper()
+		c.Send(testclient.Message(wire.TypePing, "server", nil))
+		c.Expect(wire.TypePong)
+	}
 	// The server logs an ignored binary frame at debug level; the level
-	// is warn, so only a trace shows it.
+	// is warn, so only a trace shows it. A ping behind each frame: when
+	// its pong is back, the frame has been handled and logged.
 	binary(traced)
+	ping(traced)
 	code, out, errOut := e.ctl("trace", traced.ClientID)
 	if code != 0 || out != "tracing client "+traced.ClientID+" at debug level (1 open connections)\n" {
 		t.Fatalf("trace: %d %q %q", code, out, errOut)
 	}
 	binary(other)
 	binary(traced)
-	ping := func(c *testclient.Conn) {
-		t.Helper()
-		c.Send(testclient.Message(wire.TypePing, "server", nil))
-		c.Expect(wire.TypePong)
-	}
-	// A ping behind each frame: when its pong is back, the frame has been
-	// handled and logged.
 	ping(other)
 	ping(traced)
 	recs := e.logs.records("binary frame ignored")
