@@ -1,7 +1,8 @@
 // Command machineservice runs the Machine Services relay and its tools.
 //
-//	machineservice serve [--dev] [--listen ADDR] [--tokens FILE]
+//	machineservice serve [--dev] [--listen ADDR] [--tokens FILE] [--metrics-listen ADDR]
 //	machineservice migrate
+//	machineservice ctl [--socket PATH] COMMAND [ARG]...
 //	machineservice env
 //	machineservice version
 package main
@@ -21,8 +22,9 @@ var version = "dev"
 const usage = `usage: machineservice COMMAND [flags]
 
 commands:
-  serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE)
+  serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE, --metrics-listen ADDR)
   migrate   apply the database schema migrations and exit (also: initonly)
+  ctl       control a running server: machineservice ctl [--socket PATH] COMMAND (ctl help lists them)
   env       print every setting with its default and meaning
   version   print the version
 `
@@ -44,6 +46,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = serve(args[1:], stdout, stderr)
 	case "migrate", "initonly":
 		err = migrate(args[1:], stdout, os.Getenv)
+	case "ctl":
+		return runCtl(args[1:], stdout, stderr, os.Getenv)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

@@ -16,9 +16,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/logging"
+	"github.com/machineservice/machineservice/internal/metrics"
+	"github.com/machineservice/machineservice/internal/protect"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
@@ -44,7 +50,8 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg, stderr)
+	logCtl := logging.NewControl(cfg.LogLevel())
+	log := logging.New(stderr, !cfg.Dev, logCtl)
 
 	// The controller settings are checked first: a refused start should
 	// not have generated and written a development key.
@@ -64,37 +71,67 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	bg, cancelBG := context.WithCancel(context.Background())
+	var statsDone sync.WaitGroup
+	// Runs last: after the shutdown has unregistered every connection, stop
+	// the statistics, then remove this instance from the database.
+	defer func() { cancelBG(); statsDone.Wait(); be.close(log) }()
+	var m *metrics.Metrics
+	var gatherer *prometheus.Registry
+	if cfg.MetricsListen != config.Off {
+		gatherer = prometheus.NewRegistry()
+		gatherer.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		if m, err = metrics.New(gatherer, server.ReasonNames()); err != nil {
+			return err
+		}
+		st.SetObserver(m)
+		ctrl = metrics.TimeController(ctrl, m)
+	}
+	guard, err := protect.New(bg, cfg, protect.Deps{Logger: log, Stats: st, Metrics: m})
+	if err != nil {
+		return fmt.Errorf("IP blacklist (IPBLACKLIST__STORAGE, IPBLACKLIST__ENTRY): %w", err)
+	}
+	events := bus.NewLocal(log)
 	srv, err := server.New(cfg, server.Deps{
 		Key:         key,
 		KeyObtained: obtained,
 		KeyExpires:  expires,
 		Controller:  ctrl,
 		Registry:    be.registry,
-		Events:      bus.NewLocal(log),
+		Events:      events,
 		Stats:       st,
 		Logger:      log,
 		Version:     version,
+		Metrics:     m,
+		Middleware:  guard.Wrap,
 	})
 	if err != nil {
-		be.close(log)
 		return err
 	}
 	l, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
-		be.close(log)
 		return fmt.Errorf("listen on %s (ENVIRONMENT__LISTEN, --listen): %w", cfg.Listen, err)
 	}
+	defer l.Close() // after Serve it is closed already; this covers the early returns
+	stopOps, err := startOps(cfg, log, opsDeps{
+		logging:  logCtl,
+		server:   srv,
+		stats:    st,
+		guard:    guard,
+		gatherer: gatherer,
+		checks:   readinessChecks(srv, be.registry, events, ctrl),
+	})
+	if err != nil {
+		return err
+	}
+	defer stopOps()
 
 	if ctx.Err() != nil {
 		return nil // stopped before it started
 	}
-	bg, cancelBG := context.WithCancel(context.Background())
-	var statsDone sync.WaitGroup
-	// After the shutdown has unregistered every connection: stop the
-	// statistics, then remove this instance from the database.
-	defer func() { cancelBG(); statsDone.Wait(); be.close(log) }()
 	statsDone.Go(func() { st.Run(bg, log, cfg.StatusReportInterval, cfg.StatisticsInterval, be.exporter) })
 	go srv.PublishCertificate(bg, certificateInterval)
+	go guard.Run(bg)
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
@@ -103,7 +140,8 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		"instance", cfg.InstanceID,
 		"dev", cfg.Dev,
 		"key_hash", wire.PublicKeyHash(&key.PublicKey),
-		"version", version)
+		"version", version,
+		"protection", guard.String())
 
 	select {
 	case err := <-serveErr:
@@ -123,14 +161,6 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	}
 	log.Info("stopped")
 	return nil
-}
-
-func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
-	opts := &slog.HandlerOptions{Level: slog.LevelInfo}
-	if cfg.Dev {
-		return slog.New(slog.NewTextHandler(w, opts))
-	}
-	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
 // serverKey returns the configured key or, in development mode, the key

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net/netip"
 	"net/url"
 	"os"
 	"slices"
@@ -74,7 +75,28 @@ type Config struct {
 	JWTSecret        string
 	JWTPublicKeyFile string
 	JWTIssuer        string
+
+	// Operations and protection: metrics and readiness, the control
+	// socket, logging, and the rules the HTTP front applies to every
+	// request.
+	MetricsListen        string // "off": no metrics listener
+	ControlSocket        string // "off": no control socket
+	SerilogLevel         string // SERILOG__MINIMUMLEVEL__DEFAULT, as given
+	LoggingLevel         string // LOGGING__LOGLEVEL__DEFAULT, as given
+	BlacklistStorage     string
+	BlacklistEntry       string
+	BlacklistLifetime    time.Duration
+	TrustedProxies       []netip.Prefix
+	RateLimitEnabled     bool
+	MaxRequestsPerSecond int
+	MaxConnectionsPerIP  int // 0: no limit
+	MaxConnections       int // 0: no limit
+	FilterPatterns       bool
+	AllowedOrigins       []string // empty: every origin
 }
+
+// Off disables MetricsListen and ControlSocket.
+const Off = "off"
 
 // Setting describes one setting: where it is read from, its default and
 // its meaning.
@@ -148,6 +170,28 @@ func Settings() []Setting {
 		strSetting("AUTH__JWTSECRET", "", "", "Built-in controller: HS256 secret for verifying JWT tokens.", func(c *Config) *string { return &c.JWTSecret }),
 		strSetting("AUTH__JWTPUBLICKEYFILE", "", "", "Built-in controller: PEM public key (RSA, ECDSA P-256 or Ed25519) for verifying RS256/ES256/EdDSA JWT tokens.", func(c *Config) *string { return &c.JWTPublicKeyFile }),
 		strSetting("AUTH__JWTISSUER", "", "", "Built-in controller: required JWT issuer (iss) when set.", func(c *Config) *string { return &c.JWTIssuer }),
+
+		strSetting("METRICS__LISTEN", "metrics-listen", "127.0.0.1:9091", "Address of the Prometheus /metrics and the /ready endpoints; off disables them.", func(c *Config) *string { return &c.MetricsListen }),
+		documented(strSetting("ENVIRONMENT__CONTROLSOCKET", "", "", "Unix socket (mode 0600) that machineservice ctl talks to; off disables it.", func(c *Config) *string { return &c.ControlSocket }), "machineservice.sock in development, else /run/machineservice/control.sock"),
+		strSetting("SERILOG__MINIMUMLEVEL__DEFAULT", "", "", "Log level: Verbose, Debug, Information, Warning, Error, Fatal (or debug, info, warn, error). Wins over LOGGING__LOGLEVEL__DEFAULT.", func(c *Config) *string { return &c.SerilogLevel }),
+		strSetting("LOGGING__LOGLEVEL__DEFAULT", "", "Information", "Log level: Trace, Debug, Information, Warning, Error, Critical, None (or debug, info, warn, error).", func(c *Config) *string { return &c.LoggingLevel }),
+		strSetting("IPBLACKLIST__STORAGE", "", "", "Where the IP blacklist is kept: file://DIR, a directory path, or an http(s):// base URL.", func(c *Config) *string { return &c.BlacklistStorage }),
+		strSetting("IPBLACKLIST__ENTRY", "", "", "The blacklist's file or object name in IPBLACKLIST__STORAGE: a JSON list of {\"cidr\",\"description\"}.", func(c *Config) *string { return &c.BlacklistEntry }),
+		secondsSetting("IPBLACKLIST__IPRULESCACHELIFETIMESECONDS", "", "86400", "Seconds between reloads of the IP blacklist; a failed reload keeps the last good rules.", func(c *Config) *time.Duration { return &c.BlacklistLifetime }),
+		{Env: "SECURITY__TRUSTEDPROXIES", Help: "Proxies (CIDR or addresses, separated by ; or ,) whose X-Forwarded-For is believed; the client is its rightmost address that is not one of them.", set: func(c *Config, v string) error {
+			p, err := parsePrefixes(v)
+			c.TrustedProxies = p
+			return err
+		}},
+		boolSetting("SECURITY__RATELIMITENABLED", "", "false", "Limit HTTP requests and WebSocket upgrades per client address (IPv6 by /64).", func(c *Config) *bool { return &c.RateLimitEnabled }),
+		intSetting("SECURITY__MAXREQUESTSPERSECONDPERIP", "", "10", "Requests per second one client address may make when the rate limit is on; more are answered 429.", func(c *Config) *int { return &c.MaxRequestsPerSecond }),
+		intSetting("SECURITY__MAXCONNECTIONSPERIP", "", "0", "Open WebSocket connections one client address may hold (0: no limit); more are refused with 503.", func(c *Config) *int { return &c.MaxConnectionsPerIP }),
+		intSetting("SECURITY__MAXCONNECTIONS", "", "0", "Open WebSocket connections in total (0: no limit); more are refused with 503.", func(c *Config) *int { return &c.MaxConnections }),
+		boolSetting("SECURITY__FILTERPATTERNS", "", "false", "Answer requests for common scanner paths (/wp-admin, *.php, /.env, /.git/, ...) with 404 at once, unlogged, and count them.", func(c *Config) *bool { return &c.FilterPatterns }),
+		{Env: "CORS__ALLOWEDORIGINS", Help: "Origins (separated by ;) browsers may use: a /portal upgrade from another origin is refused with 403, and HTTP routes answer these with CORS headers. Empty: every origin.", set: func(c *Config, v string) error {
+			c.AllowedOrigins = splitList(v, ";")
+			return nil
+		}},
 	}
 }
 
@@ -205,8 +249,20 @@ func (c *Config) complete() error {
 	if c.InstanceID == "" {
 		c.InstanceID = fmt.Sprintf("service-%s-%s", c.MachineName, uuid.NewString())
 	}
+	if c.ControlSocket == "" {
+		c.ControlSocket = DefaultControlSocket
+		if c.Dev {
+			c.ControlSocket = DevControlSocket
+		}
+	}
 	return nil
 }
+
+// Default control socket paths.
+const (
+	DevControlSocket     = "machineservice.sock"
+	DefaultControlSocket = "/run/machineservice/control.sock"
+)
 
 // Validate checks the settings together. Every error names the setting.
 func (c *Config) Validate() error {
@@ -271,6 +327,7 @@ func (c *Config) Validate() error {
 	if c.RedirectURL != "" && !strings.HasPrefix(c.RedirectURL, "http://") && !strings.HasPrefix(c.RedirectURL, "https://") && !strings.HasPrefix(c.RedirectURL, "/") {
 		bad("ENVIRONMENT__REDIRECTURL", "must be an http(s) URL or an absolute path, got %q", c.RedirectURL)
 	}
+	errs = append(errs, c.validateOps()...)
 	if len(errs) > 0 {
 		return fmt.Errorf("%w: %w", ErrUsage, errors.Join(errs...))
 	}

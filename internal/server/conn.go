@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/metrics"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
 )
@@ -65,6 +66,9 @@ type conn struct {
 	connID      string
 	remoteIP    string
 	connectedAt time.Time
+	onClosed    func() // from the front middleware; nil: none
+
+	gauge metrics.Conn // the connection's place in the connections gauge
 
 	// set by the read loop, read by anyone
 	id          atomic.Pointer[identity] // nil until authenticated
@@ -126,6 +130,7 @@ func (c *conn) run() {
 	s := c.srv
 	defer s.readers.Done()
 	s.stats.Opened()
+	s.metrics.Opened(&c.gauge, c.role)
 	s.hub.add(c)
 	s.mu.Lock()
 	closing := s.closing
@@ -467,10 +472,15 @@ func (c *conn) teardown() {
 	id := c.identity()
 	s.hub.remove(c, id)
 	s.pending.dropConn(c)
+	s.relayTimes.dropConn(c)
 	if id != nil {
 		c.unregister(id)
 	}
 	s.stats.Closed(reason.String())
+	s.metrics.Closed(&c.gauge, reason.String())
+	if c.onClosed != nil {
+		c.onClosed()
+	}
 	lvl := slog.LevelInfo
 	if reason == reasonClientClosed || reason == reasonShuttingDown {
 		lvl = slog.LevelDebug

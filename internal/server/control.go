@@ -9,6 +9,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/machineservice/machineservice/internal/bus"
+	"github.com/machineservice/machineservice/internal/metrics"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
 )
@@ -98,6 +99,7 @@ func (s *Server) Control(ctx context.Context, req bus.ControlRequest) (bus.Contr
 		resp.Message = "Failed to send message to client: connection closed"
 		return resp, ErrClosed
 	}
+	sent := time.Now()
 	timer := time.NewTimer(s.cfg.ControlTimeout)
 	defer timer.Stop()
 	select {
@@ -108,6 +110,7 @@ func (s *Server) Control(ctx context.Context, req bus.ControlRequest) (bus.Contr
 			return resp, a.err
 		}
 		s.stats.Inc(stats.ControlRelaySuccess)
+		s.metrics.ObserveRelay(metrics.KindControl, time.Since(sent))
 		resp.Success = a.res.Success
 		resp.Settings = a.res.Output
 		if a.res.ErrorMessage != nil {

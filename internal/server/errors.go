@@ -18,4 +18,8 @@ var (
 	ErrServerClosed = errors.New("server closed")
 
 	errInvalidControlResponse = errors.New("invalid control response payload")
+	// ErrNotServing means Serve has not been called yet.
+	ErrNotServing = errors.New("server not serving yet")
+	// ErrShuttingDown means Shutdown has begun.
+	ErrShuttingDown = errors.New("server shutting down")
 )

@@ -247,6 +247,7 @@ func (c *conn) handlePortalAuth(env *wire.Envelope) {
 func (c *conn) becomeAuthenticated(id *identity) bool {
 	s := c.srv
 	old := c.id.Swap(id)
+	s.metrics.Authenticated(&c.gauge)
 	c.nc.limit.Store(0)
 	replaced := s.hub.authenticated(c, old, id)
 	if replaced != nil {
@@ -382,6 +383,7 @@ func (c *conn) handleRelay(env *wire.Envelope, id *identity) {
 	out.From = id.clientID
 	if target != nil && target.send(&out) {
 		s.stats.Inc(stats.CommandRelaySuccess)
+		s.timeRelay(c, target, env)
 		return
 	}
 	s.stats.Inc(stats.CommandRelayDestinationNotAvailable)

@@ -21,6 +21,7 @@ import (
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/metrics"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
@@ -40,6 +41,12 @@ type Deps struct {
 	// Now is the clock for token expiry and control staleness; nil means
 	// time.Now.
 	Now func() time.Time
+
+	// Metrics, when set, receives the connection gauge, close reasons and
+	// round-trip times (the counters arrive through Stats' observer).
+	Metrics *metrics.Metrics
+	// Middleware, when set, wraps the HTTP handler: the protection rules.
+	Middleware func(http.Handler) http.Handler
 }
 
 // Server is one Machine Services instance.
@@ -57,6 +64,7 @@ type Server struct {
 	log        *slog.Logger
 	version    string
 	now        func() time.Time
+	metrics    *metrics.Metrics
 	upgrader   websocket.Upgrader
 	http       *http.Server
 
@@ -69,7 +77,10 @@ type Server struct {
 	pending pendingControls
 	readers sync.WaitGroup // one per open connection
 
+	relayTimes relayTimes // commands awaiting their answer, for the relay histogram
+
 	mu       sync.Mutex
+	serving  bool
 	closing  bool
 	shutdown chan struct{} // closed when Shutdown starts
 }
@@ -123,6 +134,7 @@ func New(cfg *config.Config, d Deps) (*Server, error) {
 		log:        d.Logger,
 		version:    d.Version,
 		now:        d.Now,
+		metrics:    d.Metrics,
 		ctx:        ctx,
 		cancel:     cancel,
 		shutdown:   make(chan struct{}),
@@ -141,8 +153,12 @@ func New(cfg *config.Config, d Deps) (*Server, error) {
 			http.Error(w, reason.Error(), status)
 		},
 	}
+	var handler http.Handler = s
+	if d.Middleware != nil {
+		handler = d.Middleware(s)
+	}
 	s.http = &http.Server{
-		Handler:           s,
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -206,10 +222,14 @@ func (s *Server) accept(w http.ResponseWriter, r *http.Request, role wire.Client
 		return // the upgrader has answered the client
 	}
 	c := newConn(s, ws, role, clientIP(r))
+	c.onClosed = connHook(r)
 	go c.run()
 }
 
 func clientIP(r *http.Request) string {
+	if ip, ok := frontClientIP(r); ok {
+		return ip
+	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr
@@ -220,6 +240,9 @@ func clientIP(r *http.Request) string {
 // Serve accepts connections on l until Shutdown. It returns
 // ErrServerClosed after a shutdown.
 func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	s.serving = true
+	s.mu.Unlock()
 	go s.pingLoop()
 	err := s.http.Serve(meteredListener{l})
 	if errors.Is(err, http.ErrServerClosed) {

@@ -88,7 +88,19 @@ type Stats struct {
 
 	mu     sync.Mutex
 	closes map[string]int64 // by close reason, never reset
+
+	observer Observer // set before the Stats is shared
 }
+
+// Observer is told of every count as it happens, for metrics that, unlike
+// the counters here, are never reset.
+type Observer interface {
+	Counted(c Counter)
+}
+
+// SetObserver makes o see every count from now on. Call it before the
+// Stats is shared.
+func (s *Stats) SetObserver(o Observer) { s.observer = o }
 
 // New returns zeroed counters.
 func New() *Stats {
@@ -96,7 +108,12 @@ func New() *Stats {
 }
 
 // Inc adds one to c.
-func (s *Stats) Inc(c Counter) { s.counters[c].Add(1) }
+func (s *Stats) Inc(c Counter) {
+	s.counters[c].Add(1)
+	if s.observer != nil {
+		s.observer.Counted(c)
+	}
+}
 
 // Get returns c's current value.
 func (s *Stats) Get(c Counter) int64 { return s.counters[c].Load() }
