@@ -363,6 +363,19 @@ func scanClient(row pgx.CollectableRow) (Client, error) {
 	return c, err
 }
 
+// Ready reports whether the database is reachable, for readiness probes:
+// it pings through the pool, so an outage that no write has met yet is
+// seen too.
+func (p *Postgres) Ready(ctx context.Context) error {
+	if err := p.listable(); err != nil {
+		return err
+	}
+	if err := p.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
 func (p *Postgres) listable() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
