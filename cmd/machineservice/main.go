@@ -1,6 +1,7 @@
 // Command machineservice runs the Machine Services relay and its tools.
 //
-//	machineservice serve [--dev] [--listen ADDR] [--tokens FILE]
+//	machineservice serve [--dev] [--listen ADDR] [--tokens FILE] [--nats URL]
+//	machineservice controller [--tokens FILE] [--nats URL]
 //	machineservice env
 //	machineservice version
 package main
@@ -20,9 +21,10 @@ var version = "dev"
 const usage = `usage: machineservice COMMAND [flags]
 
 commands:
-  serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE)
-  env       print every setting with its default and meaning
-  version   print the version
+  serve       run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE, --nats URL)
+  controller  run the built-in controller alone on the NATS bus (flags: --tokens FILE, --nats URL, --dev)
+  env         print every setting with its default and meaning
+  version     print the version
 `
 
 func main() {
@@ -40,6 +42,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = serve(args[1:], stderr)
+	case "controller":
+		err = controllerCommand(args[1:], stderr)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

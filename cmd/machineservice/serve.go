@@ -45,8 +45,15 @@ func serve(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	nb, err := dialBus(cfg, cfg.InstanceID, log)
+	if err != nil {
+		return err
+	}
+	if nb != nil {
+		defer closeBus(nb, log) // after the shutdown, which still publishes
+	}
 	st := stats.New()
-	srv, err := server.New(cfg, server.Deps{
+	deps := server.Deps{
 		Key:         key,
 		KeyObtained: obtained,
 		KeyExpires:  expires,
@@ -56,9 +63,20 @@ func serve(args []string, stderr io.Writer) error {
 		Stats:       st,
 		Logger:      log,
 		Version:     version,
-	})
+	}
+	if nb != nil {
+		if err := useBus(nb, ctrl, cfg, &deps, log); err != nil {
+			return err
+		}
+	}
+	srv, err := server.New(cfg, deps)
 	if err != nil {
 		return err
+	}
+	if nb != nil {
+		if err := nb.Attach(srv); err != nil {
+			return fmt.Errorf("serve the instance on the bus: %w", err)
+		}
 	}
 	l, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -159,7 +177,8 @@ func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time
 }
 
 // builtinController builds the controller from the tokens file and the JWT
-// settings.
+// settings. With a bus and neither, it returns nil: the controller is
+// another process on the bus.
 func builtinController(cfg *config.Config, log *slog.Logger) (controller.Controller, error) {
 	b := &controller.Builtin{}
 	if cfg.TokensFile != "" {
@@ -186,6 +205,9 @@ func builtinController(cfg *config.Config, log *slog.Logger) (controller.Control
 		b.JWT = j
 	}
 	if b.Static == nil && b.JWT == nil {
+		if cfg.MessagingURL != "" {
+			return nil, nil // the controller answers on the bus
+		}
 		if !cfg.Dev {
 			return nil, fmt.Errorf("%w: no controller: set AUTH__TOKENSFILE (--tokens), AUTH__JWTSECRET or AUTH__JWTPUBLICKEYFILE", config.ErrUsage)
 		}

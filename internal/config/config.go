@@ -54,6 +54,12 @@ type Config struct {
 	JWTSecret        string
 	JWTPublicKeyFile string
 	JWTIssuer        string
+
+	// Message bus (NATS). Without MessagingURL the bus is in process,
+	// which only a development server may do.
+	MessagingURL             string
+	MessagingCredentialsFile string
+	MessagingSubjectPrefix   string
 }
 
 // Setting describes one setting: where it is read from, its default and
@@ -113,6 +119,9 @@ func Settings() []Setting {
 		strSetting("AUTH__JWTSECRET", "", "", "Built-in controller: HS256 secret for verifying JWT tokens.", func(c *Config) *string { return &c.JWTSecret }),
 		strSetting("AUTH__JWTPUBLICKEYFILE", "", "", "Built-in controller: PEM public key (RSA, ECDSA P-256 or Ed25519) for verifying RS256/ES256/EdDSA JWT tokens.", func(c *Config) *string { return &c.JWTPublicKeyFile }),
 		strSetting("AUTH__JWTISSUER", "", "", "Built-in controller: required JWT issuer (iss) when set.", func(c *Config) *string { return &c.JWTIssuer }),
+		strSetting("MESSAGING__CONNECTIONSTRING", "nats", "", "NATS URL of the message bus, nats://host:port; several comma-separated for a cluster; credentials may be in the URL (nats://user:password@host:port). Required in production; a development server without it keeps the bus in process.", func(c *Config) *string { return &c.MessagingURL }),
+		strSetting("MESSAGING__CREDENTIALSFILE", "", "", "NATS credentials file (user JWT and NKey seed).", func(c *Config) *string { return &c.MessagingCredentialsFile }),
+		strSetting("MESSAGING__SUBJECTPREFIX", "", "machineservice", "First token(s) of every NATS subject the instances and the controller use.", func(c *Config) *string { return &c.MessagingSubjectPrefix }),
 	}
 }
 
@@ -187,7 +196,11 @@ func (c *Config) Validate() error {
 		if c.KeyExpires.IsZero() {
 			bad("ENVIRONMENT__MACHINESERVERKEYEXPIRES", "required in production (or run with --dev)")
 		}
+		if c.MessagingURL == "" {
+			bad("MESSAGING__CONNECTIONSTRING", "required in production: the NATS server the controller answers on, nats://host:port (or run with --dev)")
+		}
 	}
+	errs = append(errs, c.validateMessaging()...)
 	if c.Listen == "" {
 		bad("ENVIRONMENT__LISTEN", "must not be empty")
 	}
