@@ -178,6 +178,12 @@ func DialNATS(o NATSOptions) (*NATS, error) {
 			b.log.Info("connected to NATS", "url", nc.ConnectedUrlRedacted())
 		}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			b.mu.Lock()
+			closing := b.closed
+			b.mu.Unlock()
+			if closing {
+				return
+			}
 			b.setLastErr(err)
 			b.log.Warn("disconnected from NATS; reconnecting", "err", err)
 		}),
