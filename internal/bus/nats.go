@@ -539,7 +539,20 @@ func (b *NATS) subscribe(list []subscription) error {
 	b.mu.Lock()
 	b.subs = append(b.subs, subs...)
 	b.mu.Unlock()
+	b.flushSubscriptions()
 	return nil
+}
+
+// flushSubscriptions waits until the NATS server knows the subscriptions
+// just made, so requests sent from elsewhere right after find them. When
+// not connected they are sent on connecting.
+func (b *NATS) flushSubscriptions() {
+	if !b.nc.IsConnected() {
+		return
+	}
+	if err := b.nc.FlushTimeout(5 * time.Second); err != nil {
+		b.log.Warn("flushing subscriptions to NATS failed", "err", err)
+	}
 }
 
 // controlHandler answers control requests with handle, each in its own

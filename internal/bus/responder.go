@@ -56,6 +56,7 @@ func (b *NATS) ServeController(ctrl controller.Controller, o ControllerOptions) 
 		}
 		subs = append(subs, sub)
 	}
+	b.flushSubscriptions()
 	return func() {
 		for _, s := range subs {
 			_ = s.Unsubscribe() // fails only when the connection is already closed
