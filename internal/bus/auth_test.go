@@ -45,7 +45,7 @@ func TestAuthExternalController(t *testing.T) {
 		}
 	})
 	t.Run("agent refused", func(t *testing.T) {
-				before := in.stats.Get(stats.AuthClientFailure)
+		before := in.stats.Get(stats.AuthClientFailure)
 		a := in.agent(3)
 		if res := a.AuthAgent("no-such-token"); res.Accepted {
 			t.Fatal("accepted an unknown token")
@@ -56,7 +56,7 @@ func TestAuthExternalController(t *testing.T) {
 		}
 	})
 	t.Run("agent not found", func(t *testing.T) {
-				before := in.stats.Get(stats.AuthClientNotFound)
+		before := in.stats.Get(stats.AuthClientNotFound)
 		a := in.agent(3)
 		if res := a.AuthAgent(agentNotFound); res.Accepted {
 			t.Fatal("accepted")
