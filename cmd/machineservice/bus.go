@@ -15,6 +15,7 @@ import (
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 )
 
@@ -58,6 +59,9 @@ func useBus(nb *bus.NATS, ctrl controller.Controller, cfg *config.Config, deps *
 		log.Info("the built-in controller answers on the bus in this process")
 	} else {
 		log.Info("tokens are validated by the controller on the bus")
+	}
+	if _, ok := deps.Registry.(*registry.Memory); ok {
+		log.Info("the registry is in memory: relays and control requests reach only this instance's clients; instances share them through a shared registry")
 	}
 	deps.Controller = nb
 	deps.Events = nb
