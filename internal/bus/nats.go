@@ -701,7 +701,7 @@ func ValidSubjectPrefix(p string) error {
 			return fmt.Errorf("subject prefix %q has an empty token", p)
 		}
 		for _, c := range tok {
-			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			if (c < 'a' || c > 'z') && (c < 'A' || c > 'Z') && (c < '0' || c > '9') && c != '-' && c != '_' {
 				return fmt.Errorf("subject prefix %q: %q is not allowed (letters, digits, '-', '_' and '.' between tokens)", p, c)
 			}
 		}

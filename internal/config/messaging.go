@@ -52,7 +52,7 @@ func checkSubjectPrefix(p string) error {
 			return fmt.Errorf("%q has an empty token", p)
 		}
 		for _, r := range tok {
-			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '-' && r != '_' {
 				return fmt.Errorf("%q: %q is not allowed (letters, digits, '-' and '_', tokens separated by '.')", p, r)
 			}
 		}
