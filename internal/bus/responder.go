@@ -45,18 +45,10 @@ func (b *NATS) ServeController(ctrl controller.Controller, o ControllerOptions) 
 	if closed {
 		return nil, ErrClosed
 	}
-	subs := make([]*nats.Subscription, 0, len(list))
-	for _, s := range list {
-		sub, err := b.nc.QueueSubscribe(s.subject, s.queue, s.handler)
-		if err != nil {
-			for _, done := range subs {
-				_ = done.Unsubscribe() // best effort: the first error is the one to report
-			}
-			return nil, err
-		}
-		subs = append(subs, sub)
+	subs, err := b.subscribeAll(list)
+	if err != nil {
+		return nil, err
 	}
-	b.flushSubscriptions()
 	return func() {
 		for _, s := range subs {
 			_ = s.Unsubscribe() // fails only when the connection is already closed
