@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/machineservice/machineservice/internal/bus"
+	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
@@ -441,5 +442,52 @@ func TestNATSRestart(t *testing.T) {
 	portal.Send(cmd)
 	if got := next(t, remote, wire.TypeCommand); got.MessageID != cmd.MessageID || got.From != portal.ClientID {
 		t.Fatalf("relay to the other instance after the restart: %+v", got)
+	}
+}
+
+// TestAuthFailsWhenNATSDrops: an auth waiting for the controller fails
+// as soon as the connection to NATS drops, not at the controller
+// deadline (here longer than the test client waits).
+func TestAuthFailsWhenNATSDrops(t *testing.T) {
+	ns := embedded(t, -1)
+	url, pfx := ns.ClientURL(), prefix(t)
+	ec := startController(t, url, pfx)
+	asked := make(chan struct{})
+	release := make(chan struct{})
+	defer close(release)
+	ec.mu.Lock()
+	ec.hold = func(_ string, req map[string]any) {
+		if req["token"] == agentA1 {
+			close(asked)
+			<-release
+		}
+	}
+	ec.mu.Unlock()
+	in := startInstance(t, url, pfx, "instance-a", registry.NewMemory(0, nil), instanceOpts{
+		cfg: func(c *config.Config) { c.ControllerTimeout = time.Minute },
+	})
+	a := in.agent(1)
+	res := make(chan wire.AuthResult, 1)
+	go func() {
+		a.Send(testclient.Message(wire.TypeAuth, "server", wire.AuthRequest{
+			Token: agentA1, PublicKey: wire.EncodePublicKey(&a.Key.PublicKey), ClientVersion: "2.1.0.0", ProtocolVersion: wire.ProtocolVersion,
+		}))
+		env, err := a.Read()
+		var r wire.AuthResult
+		if err == nil {
+			err = env.DecodePayload(&r)
+		}
+		if err != nil {
+			t.Errorf("reading the auth answer: %v", err)
+		}
+		res <- r
+	}()
+	<-asked
+	ns.Shutdown()
+	if r := <-res; r.Accepted {
+		t.Fatal("accepted")
+	}
+	if n := in.stats.Get(stats.AuthClientTimeoutFailure); n != 1 {
+		t.Fatalf("AuthClientTimeoutFailure = %d", n)
 	}
 }

@@ -121,6 +121,10 @@ type NATS struct {
 	closed     bool
 	instanceID string
 	lastErr    error // the last connection error, for Ready
+	// link ends when the connection drops, so requests waiting for a
+	// reply fail then; a new one starts on reconnecting.
+	link     context.Context
+	linkDown context.CancelFunc
 }
 
 var (
@@ -164,6 +168,7 @@ func DialNATS(o NATSOptions) (*NATS, error) {
 		closedCh: make(chan struct{}),
 		controls: make(chan struct{}, maxControls),
 	}
+	b.link, b.linkDown = context.WithCancel(context.Background())
 	opts := []nats.Option{
 		nats.Name(o.Name),
 		nats.MaxReconnects(-1),
@@ -179,6 +184,7 @@ func DialNATS(o NATSOptions) (*NATS, error) {
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			b.mu.Lock()
 			closing := b.closed
+			b.linkDown()
 			b.mu.Unlock()
 			if closing {
 				return
@@ -191,6 +197,10 @@ func DialNATS(o NATSOptions) (*NATS, error) {
 			b.log.Debug("reconnecting to NATS failed", "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
+			b.mu.Lock()
+			b.linkDown()
+			b.link, b.linkDown = context.WithCancel(context.Background())
+			b.mu.Unlock()
 			b.setLastErr(nil)
 			b.log.Info("reconnected to NATS", "url", nc.ConnectedUrlRedacted())
 		}),
@@ -288,6 +298,9 @@ func (b *NATS) Close(ctx context.Context) error {
 		<-done
 	}
 	b.cancel()
+	b.mu.Lock()
+	b.linkDown()
+	b.mu.Unlock()
 	var err error
 	if b.nc.IsConnected() {
 		err = b.nc.Drain()
@@ -343,13 +356,25 @@ func (b *NATS) request(ctx context.Context, subject string, timeout time.Duratio
 	if mp := b.nc.MaxPayload(); mp > 0 && int64(len(data)) > mp {
 		return fmt.Errorf("%w: %d bytes for %s, max_payload is %d", ErrTooLarge, len(data), subject, mp)
 	}
+	b.mu.Lock()
+	link := b.link
+	b.mu.Unlock()
+	if link.Err() != nil {
+		// Connected again, and the reconnect handler has not run yet.
+		link = context.Background()
+	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	// A reply cannot come once the connection drops: fail then rather
+	// than at the deadline.
+	defer context.AfterFunc(link, cancel)()
 	// A reply that arrives after the deadline finds no one waiting for
 	// its reply subject and is dropped by the client.
 	msg, err := b.nc.RequestWithContext(ctx, subject, data)
 	switch {
 	case err == nil:
+	case link.Err() != nil:
+		return fmt.Errorf("%w: the connection dropped during the request on %s", ErrNotConnected, subject)
 	case errors.Is(err, nats.ErrNoResponders):
 		return fmt.Errorf("%w on %s", ErrNoResponders, subject)
 	case errors.Is(err, context.DeadlineExceeded):
