@@ -96,8 +96,8 @@ func TestServeNeedsDatabaseInProduction(t *testing.T) {
 	t.Setenv("ENVIRONMENT__INMEMORYCLIENTLIST", "true")
 	t.Setenv("ENVIRONMENT__DISABLEDATABASESTATISTICS", "true")
 	code, _, stderr = runCommand("serve")
-	if strings.Contains(stderr, "DATABASE__CONNECTIONSTRING") || !strings.Contains(stderr, "no controller") || code != 2 {
-		t.Fatalf("exit %d, stderr %q; want only the missing controller", code, stderr)
+	if strings.Contains(stderr, "DATABASE__CONNECTIONSTRING") || !strings.Contains(stderr, "MESSAGING__CONNECTIONSTRING") || code != 2 {
+		t.Fatalf("exit %d, stderr %q; want only the missing bus", code, stderr)
 	}
 }
 
@@ -106,6 +106,7 @@ func loadConfig(t *testing.T, env map[string]string, args ...string) *config.Con
 	if env["ENVIRONMENT__DEV"] != "true" {
 		env["ENVIRONMENT__MACHINESERVERPRIVATE"] = "set"
 		env["ENVIRONMENT__MACHINESERVERKEYEXPIRES"] = "2030-01-01T00:00:00Z"
+		env["MESSAGING__CONNECTIONSTRING"] = "nats://127.0.0.1:4222"
 	}
 	cfg, err := config.Load(args, func(k string) string { return env[k] })
 	if err != nil {

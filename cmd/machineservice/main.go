@@ -3,6 +3,7 @@
 //	machineservice serve [--dev] [--listen ADDR] [--tokens FILE] [--metrics-listen ADDR]
 //	machineservice migrate
 //	machineservice ctl [--socket PATH] COMMAND [ARG]...
+//	machineservice controller [--tokens FILE] [--nats URL]
 //	machineservice env
 //	machineservice version
 package main
@@ -22,11 +23,12 @@ var version = "dev"
 const usage = `usage: machineservice COMMAND [flags]
 
 commands:
-  serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE, --metrics-listen ADDR)
-  migrate   apply the database schema migrations and exit (also: initonly)
-  ctl       control a running server: machineservice ctl [--socket PATH] COMMAND (ctl help lists them)
-  env       print every setting with its default and meaning
-  version   print the version
+  serve       run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE, --metrics-listen ADDR, --nats URL)
+  migrate     apply the database schema migrations and exit (also: initonly)
+  controller  run the built-in controller alone on the NATS bus (flags: --tokens FILE, --nats URL, --dev)
+  ctl         control a running server: machineservice ctl [--socket PATH] COMMAND (ctl help lists them)
+  env         print every setting with its default and meaning
+  version     print the version
 `
 
 func main() {
@@ -48,6 +50,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = migrate(args[1:], stdout, os.Getenv)
 	case "ctl":
 		return runCtl(args[1:], stdout, stderr, os.Getenv)
+	case "controller":
+		err = controllerCommand(args[1:], stderr)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

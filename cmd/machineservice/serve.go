@@ -66,6 +66,13 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	if expires.Before(time.Now()) {
 		log.Warn("the server key has expired: agents will refuse it", "expired", expires.Format(time.RFC3339))
 	}
+	nb, err := dialBus(cfg, cfg.InstanceID, log)
+	if err != nil {
+		return err
+	}
+	if nb != nil {
+		defer closeBus(nb, log) // after the shutdown, which still publishes
+	}
 	st := stats.New()
 	be, err := openBackends(context.Background(), cfg, log)
 	if err != nil {
@@ -85,14 +92,13 @@ func serve(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		st.SetObserver(m)
-		ctrl = metrics.TimeController(ctrl, m)
 	}
 	guard, err := protect.New(bg, cfg, protect.Deps{Logger: log, Stats: st, Metrics: m})
 	if err != nil {
 		return fmt.Errorf("IP blacklist (IPBLACKLIST__STORAGE, IPBLACKLIST__ENTRY): %w", err)
 	}
 	events := bus.NewLocal(log)
-	srv, err := server.New(cfg, server.Deps{
+	deps := server.Deps{
 		Key:         key,
 		KeyObtained: obtained,
 		KeyExpires:  expires,
@@ -104,9 +110,23 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		Version:     version,
 		Metrics:     m,
 		Middleware:  guard.Wrap,
-	})
+	}
+	if nb != nil {
+		if err := useBus(nb, ctrl, cfg, &deps, log); err != nil {
+			return err
+		}
+	}
+	if m != nil {
+		deps.Controller = metrics.TimeController(deps.Controller, m)
+	}
+	srv, err := server.New(cfg, deps)
 	if err != nil {
 		return err
+	}
+	if nb != nil {
+		if err := nb.Attach(srv); err != nil {
+			return fmt.Errorf("serve the instance on the bus: %w", err)
+		}
 	}
 	l, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -119,7 +139,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		stats:    st,
 		guard:    guard,
 		gatherer: gatherer,
-		checks:   readinessChecks(srv, be.registry, events, ctrl),
+		checks:   readinessChecks(srv, deps.Registry, deps.Events, deps.Controller),
 	})
 	if err != nil {
 		return err
@@ -213,7 +233,8 @@ func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time
 }
 
 // builtinController builds the controller from the tokens file and the JWT
-// settings.
+// settings. With a bus and neither, it returns nil: the controller is
+// another process on the bus.
 func builtinController(cfg *config.Config, log *slog.Logger) (controller.Controller, error) {
 	b := &controller.Builtin{}
 	if cfg.TokensFile != "" {
@@ -240,6 +261,9 @@ func builtinController(cfg *config.Config, log *slog.Logger) (controller.Control
 		b.JWT = j
 	}
 	if b.Static == nil && b.JWT == nil {
+		if cfg.MessagingURL != "" {
+			return nil, nil // the controller answers on the bus
+		}
 		if !cfg.Dev {
 			return nil, fmt.Errorf("%w: no controller: set AUTH__TOKENSFILE (--tokens), AUTH__JWTSECRET or AUTH__JWTPUBLICKEYFILE", config.ErrUsage)
 		}

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -453,20 +454,21 @@ func TestServeProduction(t *testing.T) {
 		"ENVIRONMENT__DISABLEDATABASESTATISTICS=true",
 	)
 
-	t.Run("without tokens", func(t *testing.T) {
+	t.Run("without a bus", func(t *testing.T) {
 		code, _, stderr := runChild(t, t.TempDir(), env, "serve", "--listen", freeAddr(t))
 		if code != 2 {
 			t.Errorf("exit status %d, want 2", code)
 		}
-		if !strings.Contains(stderr, "AUTH__TOKENSFILE") {
-			t.Errorf("stderr does not name AUTH__TOKENSFILE:\n%s", stderr)
+		if !strings.Contains(stderr, "MESSAGING__CONNECTIONSTRING") {
+			t.Errorf("stderr does not name MESSAGING__CONNECTIONSTRING:\n%s", stderr)
 		}
 	})
 
 	t.Run("with tokens", func(t *testing.T) {
 		dir := t.TempDir()
 		addr := freeAddr(t)
-		c := startChild(t, dir, append(env, "AUTH__TOKENSFILE="+examplesTokens(t), "ENVIRONMENT__ISPROD=true"), "serve", "--listen", addr)
+		c := startChild(t, dir, append(env, "AUTH__TOKENSFILE="+examplesTokens(t), "ENVIRONMENT__ISPROD=true",
+			"MESSAGING__CONNECTIONSTRING="+natsURL(t), "MESSAGING__SUBJECTPREFIX=serve-prod-"+strconv.Itoa(os.Getpid())), "serve", "--listen", addr)
 		c.waitHealthy(addr)
 		cert := certificates(t, addr)[0]
 		if cert.PublicKeyHash != hash {
@@ -497,7 +499,7 @@ func TestServeProduction(t *testing.T) {
 
 	t.Run("bad key", func(t *testing.T) {
 		env := childEnv("ENVIRONMENT__MACHINESERVERPRIVATE=bm90IGEga2V5", "ENVIRONMENT__MACHINESERVERKEYEXPIRES="+expires, "AUTH__TOKENSFILE="+examplesTokens(t),
-			"ENVIRONMENT__INMEMORYCLIENTLIST=true", "ENVIRONMENT__DISABLEDATABASESTATISTICS=true")
+			"ENVIRONMENT__INMEMORYCLIENTLIST=true", "ENVIRONMENT__DISABLEDATABASESTATISTICS=true", "MESSAGING__CONNECTIONSTRING=nats://127.0.0.1:1")
 		code, _, stderr := runChild(t, t.TempDir(), env, "serve", "--listen", freeAddr(t))
 		if code != 2 || !strings.Contains(stderr, "ENVIRONMENT__MACHINESERVERPRIVATE") {
 			t.Errorf("exit status %d, stderr %q; want 2 naming ENVIRONMENT__MACHINESERVERPRIVATE", code, stderr)

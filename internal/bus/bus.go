@@ -1,6 +1,8 @@
 // Package bus holds the controller contract: the messages the server and
-// its controller exchange, and the publisher of the server's events. The
-// in-process implementation here serves a stand-alone server.
+// its controller exchange, and the publisher of the server's events. Local
+// is the in-process implementation for a stand-alone server; NATS carries
+// the contract over NATS and, between instances, relays, control requests
+// and list changes.
 package bus
 
 import (

@@ -93,6 +93,11 @@ type Config struct {
 	MaxConnections       int // 0: no limit
 	FilterPatterns       bool
 	AllowedOrigins       []string // empty: every origin
+	// Message bus (NATS). Without MessagingURL the bus is in process,
+	// which only a development server may do.
+	MessagingURL             string
+	MessagingCredentialsFile string
+	MessagingSubjectPrefix   string
 }
 
 // Off disables MetricsListen and ControlSocket.
@@ -192,6 +197,9 @@ func Settings() []Setting {
 			c.AllowedOrigins = splitList(v, ";")
 			return nil
 		}},
+		strSetting("MESSAGING__CONNECTIONSTRING", "nats", "", "NATS URL of the message bus, nats://host:port; several comma-separated for a cluster; credentials may be in the URL (nats://user:password@host:port). Required in production; a development server without it keeps the bus in process.", func(c *Config) *string { return &c.MessagingURL }),
+		strSetting("MESSAGING__CREDENTIALSFILE", "", "", "NATS credentials file (user JWT and NKey seed).", func(c *Config) *string { return &c.MessagingCredentialsFile }),
+		strSetting("MESSAGING__SUBJECTPREFIX", "", "machineservice", "First token(s) of every NATS subject the instances and the controller use.", func(c *Config) *string { return &c.MessagingSubjectPrefix }),
 	}
 }
 
@@ -280,7 +288,11 @@ func (c *Config) Validate() error {
 		if c.KeyExpires.IsZero() {
 			bad("ENVIRONMENT__MACHINESERVERKEYEXPIRES", "required in production (or run with --dev)")
 		}
+		if c.MessagingURL == "" {
+			bad("MESSAGING__CONNECTIONSTRING", "required in production: the NATS server the controller answers on, nats://host:port (or run with --dev)")
+		}
 	}
+	errs = append(errs, c.validateMessaging()...)
 	if c.Listen == "" {
 		bad("ENVIRONMENT__LISTEN", "must not be empty")
 	}

@@ -207,6 +207,7 @@ func TestLoadProductionRequiresKey(t *testing.T) {
 		"ENVIRONMENT__MACHINESERVERPRIVATE":      "a key",
 		"ENVIRONMENT__MACHINESERVERKEYEXPIRES":   "2030-01-01T00:00:00Z",
 		"ENVIRONMENT__INMEMORYCLIENTLIST":        "true",
+		"MESSAGING__CONNECTIONSTRING":            "nats://127.0.0.1:4222",
 		"ENVIRONMENT__DISABLEDATABASESTATISTICS": "true",
 	})
 	if c.Dev || !c.IsProd {

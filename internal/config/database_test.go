@@ -23,6 +23,7 @@ func TestDatabaseValidation(t *testing.T) {
 	prod := map[string]string{
 		"ENVIRONMENT__MACHINESERVERPRIVATE":    "set",
 		"ENVIRONMENT__MACHINESERVERKEYEXPIRES": "2030-01-01T00:00:00Z",
+		"MESSAGING__CONNECTIONSTRING":          "nats://127.0.0.1:4222",
 	}
 	tests := []struct {
 		name    string

@@ -28,7 +28,8 @@ func TestOpsDefaults(t *testing.T) {
 	}
 	prod, err := config.Load(nil, func(k string) string {
 		return map[string]string{"ENVIRONMENT__MACHINESERVERPRIVATE": "x", "ENVIRONMENT__MACHINESERVERKEYEXPIRES": "2030-01-01T00:00:00Z",
-			"ENVIRONMENT__INMEMORYCLIENTLIST": "true", "ENVIRONMENT__DISABLEDATABASESTATISTICS": "true"}[k]
+			"ENVIRONMENT__INMEMORYCLIENTLIST": "true", "ENVIRONMENT__DISABLEDATABASESTATISTICS": "true",
+			"MESSAGING__CONNECTIONSTRING": "nats://127.0.0.1:4222"}[k]
 	})
 	if err != nil {
 		t.Fatal(err)

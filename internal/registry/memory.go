@@ -113,3 +113,39 @@ func (m *Memory) Lookup(_ context.Context, clientID string, organizationIDs []st
 	}
 	return Client{}, false, nil
 }
+
+// LookupAgent returns the fresh entry of a registered agent.
+func (m *Memory) LookupAgent(_ context.Context, registeredAgentID, organizationID string) (Client, bool, error) {
+	cutoff := m.now().Add(-m.timeout)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var best Client
+	found := false
+	for _, c := range m.clients {
+		if c.Type != wire.ClientTypeAgent || c.MachineRegistrationID != registeredAgentID || !c.LastUpdated.After(cutoff) {
+			continue
+		}
+		if organizationID != "" && c.OrganizationID != organizationID {
+			continue
+		}
+		if !found || c.LastUpdated.After(best.LastUpdated) {
+			best, found = c, true
+		}
+	}
+	return best, found, nil
+}
+
+// Locate returns the fresh entries of a client in every organization.
+func (m *Memory) Locate(_ context.Context, clientID string) ([]Client, error) {
+	cutoff := m.now().Add(-m.timeout)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []Client
+	for k, c := range m.clients {
+		if k.client == clientID && c.LastUpdated.After(cutoff) {
+			out = append(out, c)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].OrganizationID < out[j].OrganizationID })
+	return out, nil
+}

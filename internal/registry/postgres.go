@@ -351,6 +351,61 @@ func (p *Postgres) Lookup(ctx context.Context, clientID string, organizationIDs 
 	return c, true, nil
 }
 
+// LookupAgent returns the newest fresh entry of the agent with a
+// registered agent id, in organizationID when it is not empty.
+func (p *Postgres) LookupAgent(ctx context.Context, registeredAgentID, organizationID string) (Client, bool, error) {
+	if err := p.listable(); err != nil {
+		return Client{}, false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
+		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
+		WHERE c.machine_registration_id = $1 AND c.client_type = $2
+		  AND ($3 = '' OR c.organization_id = $3)
+		  AND c.last_updated > now() - $4 * interval '1 second'
+		  AND i.heartbeat > now() - $5 * interval '1 second'
+		ORDER BY c.last_updated DESC
+		LIMIT 1`,
+		registeredAgentID, int(wire.ClientTypeAgent), organizationID, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
+	if err != nil {
+		return Client{}, false, p.failed("lookup agent", err)
+	}
+	c, err := pgx.CollectExactlyOneRow(rows, scanClient)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Client{}, false, nil
+	}
+	if err != nil {
+		return Client{}, false, p.failed("lookup agent", err)
+	}
+	return c, true, nil
+}
+
+// Locate returns the fresh entries of a client id in every organization,
+// ordered by organization.
+func (p *Postgres) Locate(ctx context.Context, clientID string) ([]Client, error) {
+	if err := p.listable(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
+		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
+		WHERE c.client_id = $1
+		  AND c.last_updated > now() - $2 * interval '1 second'
+		  AND i.heartbeat > now() - $3 * interval '1 second'
+		ORDER BY c.organization_id`,
+		clientID, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
+	if err != nil {
+		return nil, p.failed("locate", err)
+	}
+	out, err := pgx.CollectRows(rows, scanClient)
+	if err != nil {
+		return nil, p.failed("locate", err)
+	}
+	return out, nil
+}
+
 const clientColumns = `c.client_id, c.organization_id, c.client_type, c.connection_id, c.instance_id,
 	c.machine_server_uri, c.client_version, c.machine_registration_id, c.client_ip, c.first_seen, c.last_updated`
 

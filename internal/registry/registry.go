@@ -54,6 +54,14 @@ type Registry interface {
 	// Lookup returns the fresh entry of a client, in any of the
 	// organizations, and false when there is none.
 	Lookup(ctx context.Context, clientID string, organizationIDs []string) (Client, bool, error)
+	// LookupAgent returns the fresh entry of the agent with a registered
+	// agent id, in organization organizationID (any when empty), and false
+	// when there is none. With several, the most recently updated wins.
+	LookupAgent(ctx context.Context, registeredAgentID, organizationID string) (Client, bool, error)
+	// Locate returns the fresh entries of a client id in every
+	// organization, so a relay can find the instance that holds a client
+	// whose organization the sender does not know.
+	Locate(ctx context.Context, clientID string) ([]Client, error)
 	// Agents lists the agents of the organizations that were refreshed
 	// within the client timeout, ordered by organization and client id.
 	Agents(ctx context.Context, organizationIDs []string) ([]Client, error)

@@ -344,8 +344,16 @@ func (c *conn) sendList(messageID string, id *identity) {
 	}
 }
 
-// pushList sends a fresh list to every portal that sees org.
+// pushList sends a fresh list to every portal that sees org, here and on
+// the other instances.
 func (s *Server) pushList(org string) {
+	s.PushList(org)
+	s.announceList(org)
+}
+
+// PushList sends a fresh list to every portal of this instance that sees
+// org.
+func (s *Server) PushList(org string) {
 	for _, p := range s.hub.portalsOf(org) {
 		if id := p.identity(); id != nil {
 			p.sendList(uuid.NewString(), id)
@@ -378,6 +386,9 @@ func (c *conn) handleRelay(env *wire.Envelope, id *identity) {
 			c.close(reasonAccessDenied)
 			return
 		}
+	}
+	if target == nil && c.relayRemote(env, id) {
+		return
 	}
 	out := *env
 	out.From = id.clientID

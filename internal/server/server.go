@@ -35,6 +35,7 @@ type Deps struct {
 	Controller  controller.Controller
 	Registry    registry.Registry
 	Events      bus.Publisher
+	Remote      Remote // the other instances, over the bus; nil when stand-alone
 	Stats       *stats.Stats
 	Logger      *slog.Logger
 	Version     string
@@ -60,6 +61,7 @@ type Server struct {
 	ctrl       controller.Controller
 	reg        registry.Registry
 	events     bus.Publisher
+	remote     Remote // nil: no other instances
 	stats      *stats.Stats
 	log        *slog.Logger
 	version    string
@@ -130,6 +132,7 @@ func New(cfg *config.Config, d Deps) (*Server, error) {
 		ctrl:       d.Controller,
 		reg:        d.Registry,
 		events:     d.Events,
+		remote:     d.Remote,
 		stats:      d.Stats,
 		log:        d.Logger,
 		version:    d.Version,
