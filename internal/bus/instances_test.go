@@ -434,7 +434,9 @@ func TestNATSRestart(t *testing.T) {
 	}
 
 	embedded(t, port)
-	waitFor(t, "both instances to reconnect", func() bool { return p.a.bus.Ready(context.Background()) == nil && p.b.bus.Ready(context.Background()) == nil })
+	waitFor(t, "both instances to reconnect", func() bool {
+		return p.a.bus.Ready(context.Background()) == nil && p.b.bus.Ready(context.Background()) == nil
+	})
 	waitFor(t, "auth through the controller", func() bool {
 		return p.a.agent(4).AuthAgent(agentA2).Accepted
 	})
