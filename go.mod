@@ -6,9 +6,6 @@ require (
 	github.com/go-jose/go-jose/v4 v4.1.9
 	github.com/golang-jwt/jwt/v5 v5.3.0
 	github.com/google/uuid v1.6.0
-)
-
-require (
-	github.com/gorilla/websocket v1.5.3 // indirect
-	go.uber.org/goleak v1.3.0 // indirect
+	github.com/gorilla/websocket v1.5.3
+	go.uber.org/goleak v1.3.0
 )

@@ -1,0 +1,196 @@
+// Package servertest runs the real relay server in-process on a loopback
+// port for the tests of the client libraries and the command line, with
+// the built-in static controller and an in-memory registry.
+package servertest
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"errors"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/wire"
+)
+
+// Tokens and organizations every test server knows.
+const (
+	Org      = "11111111-1111-1111-1111-111111111111"
+	OtherOrg = "22222222-2222-2222-2222-222222222222"
+
+	AgentToken       = "agent-token-1" // registered agent "agent-1"
+	AgentToken2      = "agent-token-2" // registered agent "agent-2"
+	RenewingToken    = "agent-token-renewing"
+	RenewedToken     = "agent-token-renewed" // what RenewingToken is renewed to; agent "agent-renewed"
+	PortalToken      = "portal-token"
+	OtherPortalToken = "portal-token-other-org"
+)
+
+// Tokens is the static controller's tokens file.
+func Tokens() controller.TokensFile {
+	far := time.Now().Add(24 * time.Hour)
+	return controller.TokensFile{
+		Agents: []controller.AgentToken{
+			{Token: AgentToken, OrganizationID: Org, RegisteredAgentID: "agent-1", Expires: far},
+			{Token: AgentToken2, OrganizationID: Org, RegisteredAgentID: "agent-2", Expires: far},
+			{Token: RenewingToken, OrganizationID: Org, RegisteredAgentID: "agent-renewing", Expires: far, NewToken: RenewedToken},
+			{Token: RenewedToken, OrganizationID: Org, RegisteredAgentID: "agent-renewed", Expires: far},
+		},
+		Portals: []controller.PortalToken{
+			{Token: PortalToken, OrganizationID: Org, Expires: far},
+			{Token: OtherPortalToken, OrganizationID: OtherOrg, Expires: far},
+		},
+	}
+}
+
+var (
+	keyOnce sync.Once
+	key     *rsa.PrivateKey
+	keyErr  error
+)
+
+// Key is the server key of every test server, generated once per test
+// binary.
+func Key(t testing.TB) *rsa.PrivateKey {
+	t.Helper()
+	keyOnce.Do(func() { key, keyErr = rsa.GenerateKey(rand.Reader, 2048) })
+	if keyErr != nil {
+		t.Fatalf("generate server key: %v", keyErr)
+	}
+	return key
+}
+
+// Server is one running test server.
+type Server struct {
+	t    testing.TB
+	Srv  *server.Server
+	Addr string // host:port
+	Base string // http://host:port
+
+	stopOnce sync.Once
+	done     chan error
+}
+
+// Option adjusts the server's configuration before it starts.
+type Option func(*config.Config)
+
+// Start runs a server on a random loopback port until the test ends.
+func Start(t testing.TB, opts ...Option) *Server {
+	t.Helper()
+	return StartAt(t, "127.0.0.1:0", opts...)
+}
+
+// StartAt runs a server on addr (for a restart on the same address).
+func StartAt(t testing.TB, addr string, opts ...Option) *Server {
+	t.Helper()
+	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.InstanceID = "test-instance"
+	cfg.MachineName = "test-machine"
+	cfg.ShutdownTimeout = 5 * time.Second
+	for _, o := range opts {
+		o(cfg)
+	}
+	ctrl, err := controller.NewStatic(Tokens(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := Key(t)
+	srv, err := server.New(cfg, server.Deps{
+		Key:         k,
+		KeyObtained: time.Now(),
+		KeyExpires:  time.Now().Add(90 * 24 * time.Hour),
+		Controller:  ctrl,
+		Registry:    registry.NewMemory(0, nil),
+		Logger:      Logger(t),
+		Version:     "test",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var l net.Listener
+	// The port of a server that just stopped may take a moment to free.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		l, err = net.Listen("tcp", addr)
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{t: t, Srv: srv, Addr: l.Addr().String(), done: make(chan error, 1)}
+	s.Base = "http://" + s.Addr
+	go func() { s.done <- srv.Serve(l) }()
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// KeyHash is the hash the server's welcome carries.
+func (s *Server) KeyHash() string { return wire.PublicKeyHash(&Key(s.t).PublicKey) }
+
+// Stop shuts the server down; later calls do nothing.
+func (s *Server) Stop() {
+	s.stopOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := s.Srv.Shutdown(ctx); err != nil {
+			s.t.Errorf("shutdown: %v", err)
+		}
+		if err := <-s.done; !errors.Is(err, server.ErrServerClosed) {
+			s.t.Errorf("serve returned %v", err)
+		}
+	})
+}
+
+// WaitFor polls cond until it holds or 10 seconds pass.
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Logger logs through t.Log while the test runs.
+func Logger(t testing.TB) *slog.Logger {
+	w := &testWriter{t: t}
+	t.Cleanup(w.stop)
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct {
+	mu   sync.Mutex
+	t    testing.TB
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *testWriter) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
+}
