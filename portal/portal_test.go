@@ -319,7 +319,9 @@ func TestDialErrors(t *testing.T) {
 	}
 	t.Run("nothing listening", func(t *testing.T) {
 		srv := servertest.Start(t)
-		srv.Stop()
+		if err := srv.Stop(); err != nil {
+			t.Fatal(err)
+		}
 		_, err := portal.Dial(context.Background(), portal.Config{Server: srv.Base, Token: "x"})
 		if err == nil || errors.Is(err, portal.ErrAuthRejected) {
 			t.Fatalf("got %v, want a dial error", err)
@@ -355,7 +357,9 @@ func TestUpdates(t *testing.T) {
 	a.Stop()
 	next(false)
 
-	srv.Stop()
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	select {
 	case _, ok := <-pc.Updates():
 		for ok {

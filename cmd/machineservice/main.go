@@ -1,6 +1,9 @@
 // Command machineservice runs the Machine Services relay and its tools.
 //
 //	machineservice serve [--dev] [--listen ADDR] [--tokens FILE]
+//	machineservice agent --server URL (--token TOKEN | --token-file FILE) --forward URL [--certificates URL]
+//	machineservice portal --server URL --token TOKEN list [--json]
+//	machineservice portal --server URL --token TOKEN request AGENT METHOD PATH [-H 'Name: value']... [--data STRING|@FILE]
 //	machineservice env
 //	machineservice version
 package main
@@ -21,6 +24,10 @@ const usage = `usage: machineservice COMMAND [flags]
 
 commands:
   serve     run the server (flags: --dev, --listen ADDR, --tokens FILE, --dev-key-file FILE)
+  agent     connect as an agent and forward requests to a local HTTP API
+            (--server URL (--token TOKEN | --token-file FILE) --forward URL [--certificates URL])
+  portal    list agents or send one a request through the relay
+            (--server URL --token TOKEN list [--json] | request AGENT METHOD PATH [-H 'Name: value']... [--data STRING|@FILE])
   env       print every setting with its default and meaning
   version   print the version
 `
@@ -40,6 +47,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = serve(args[1:], stderr)
+	case "agent":
+		err = agentCmd(args[1:], stderr)
+	case "portal":
+		return portalCmd(args[1:], stdout, stderr)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -58,25 +59,30 @@ var (
 	keyErr  error
 )
 
+func serverKey() (*rsa.PrivateKey, error) {
+	keyOnce.Do(func() { key, keyErr = rsa.GenerateKey(rand.Reader, 2048) })
+	return key, keyErr
+}
+
 // Key is the server key of every test server, generated once per test
 // binary.
 func Key(t testing.TB) *rsa.PrivateKey {
 	t.Helper()
-	keyOnce.Do(func() { key, keyErr = rsa.GenerateKey(rand.Reader, 2048) })
-	if keyErr != nil {
-		t.Fatalf("generate server key: %v", keyErr)
+	k, err := serverKey()
+	if err != nil {
+		t.Fatalf("generate server key: %v", err)
 	}
-	return key
+	return k
 }
 
 // Server is one running test server.
 type Server struct {
-	t    testing.TB
 	Srv  *server.Server
 	Addr string // host:port
 	Base string // http://host:port
 
 	stopOnce sync.Once
+	stopErr  error
 	done     chan error
 }
 
@@ -89,12 +95,28 @@ func Start(t testing.TB, opts ...Option) *Server {
 	return StartAt(t, "127.0.0.1:0", opts...)
 }
 
-// StartAt runs a server on addr (for a restart on the same address).
+// StartAt runs a server on addr (for a restart on the same address)
+// until the test ends.
 func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 	t.Helper()
-	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
+	s, err := Launch(addr, Logger(t), opts...)
 	if err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := s.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return s
+}
+
+// Launch runs a server on addr until Stop, logging to log (nil: nowhere).
+// Tests use Start; Launch serves examples, which have no testing.T.
+func Launch(addr string, log *slog.Logger, opts ...Option) (*Server, error) {
+	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
+	if err != nil {
+		return nil, err
 	}
 	cfg.InstanceID = "test-instance"
 	cfg.MachineName = "test-machine"
@@ -104,20 +126,23 @@ func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 	}
 	ctrl, err := controller.NewStatic(Tokens(), nil)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	k := Key(t)
+	k, err := serverKey()
+	if err != nil {
+		return nil, err
+	}
 	srv, err := server.New(cfg, server.Deps{
 		Key:         k,
 		KeyObtained: time.Now(),
 		KeyExpires:  time.Now().Add(90 * 24 * time.Hour),
 		Controller:  ctrl,
 		Registry:    registry.NewMemory(0, nil),
-		Logger:      Logger(t),
+		Logger:      log,
 		Version:     "test",
 	})
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	var l net.Listener
 	// The port of a server that just stopped may take a moment to free.
@@ -129,30 +154,34 @@ func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 		time.Sleep(20 * time.Millisecond)
 	}
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	s := &Server{t: t, Srv: srv, Addr: l.Addr().String(), done: make(chan error, 1)}
+	s := &Server{Srv: srv, Addr: l.Addr().String(), done: make(chan error, 1)}
 	s.Base = "http://" + s.Addr
 	go func() { s.done <- srv.Serve(l) }()
-	t.Cleanup(s.Stop)
-	return s
+	return s, nil
 }
 
 // KeyHash is the hash the server's welcome carries.
-func (s *Server) KeyHash() string { return wire.PublicKeyHash(&Key(s.t).PublicKey) }
+func (s *Server) KeyHash() string {
+	k, _ := serverKey() // the server runs, so the key exists
+	return wire.PublicKeyHash(&k.PublicKey)
+}
 
-// Stop shuts the server down; later calls do nothing.
-func (s *Server) Stop() {
+// Stop shuts the server down; later calls only return the first result.
+func (s *Server) Stop() error {
 	s.stopOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := s.Srv.Shutdown(ctx); err != nil {
-			s.t.Errorf("shutdown: %v", err)
+		err := s.Srv.Shutdown(ctx)
+		if serr := <-s.done; !errors.Is(serr, server.ErrServerClosed) && err == nil {
+			err = fmt.Errorf("serve returned %v", serr)
 		}
-		if err := <-s.done; !errors.Is(err, server.ErrServerClosed) {
-			s.t.Errorf("serve returned %v", err)
+		if err != nil {
+			s.stopErr = fmt.Errorf("shutdown: %w", err)
 		}
 	})
+	return s.stopErr
 }
 
 // WaitFor polls cond until it holds or 10 seconds pass.
