@@ -27,18 +27,6 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-func dialPortal(t *testing.T, base string) *portal.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	pc, err := portal.Dial(ctx, portal.Config{Server: base, Token: servertest.PortalToken})
-	if err != nil {
-		t.Fatalf("portal.Dial: %v", err)
-	}
-	t.Cleanup(func() { _ = pc.Close() })
-	return pc
-}
-
 // listed returns the agent's list entry as a new portal sees it.
 func listed(t *testing.T, base, clientID string) (portal.Agent, bool) {
 	t.Helper()

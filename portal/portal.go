@@ -373,8 +373,13 @@ func (c *Client) ClientID() string { return c.cfg.ClientID }
 func (c *Client) Updates() <-chan []Agent { return c.updates }
 
 // Close says goodbye with a close frame and waits briefly for the
-// server's answer.
+// server's answer. Requests still waiting fail with ErrClosed.
 func (c *Client) Close() error {
+	select {
+	case <-c.done:
+		return nil // the connection has ended already
+	default:
+	}
 	c.mu.Lock()
 	if c.err == nil {
 		c.err = fmt.Errorf("%w: closed by the client", ErrClosed)

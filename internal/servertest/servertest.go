@@ -24,6 +24,8 @@ import (
 )
 
 // Tokens and organizations every test server knows.
+//
+//nolint:gosec // test tokens, not credentials
 const (
 	Org      = "11111111-1111-1111-1111-111111111111"
 	OtherOrg = "22222222-2222-2222-2222-222222222222"
