@@ -39,7 +39,7 @@ func agentCmd(args []string, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprint(stderr, agentUsage)
-			return config.ErrUsage
+			return nil
 		}
 		return fmt.Errorf("%w: agent: %v\n\n%s", config.ErrUsage, err, agentUsage)
 	}
