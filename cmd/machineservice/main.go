@@ -4,6 +4,9 @@
 //	machineservice migrate
 //	machineservice ctl [--socket PATH] COMMAND [ARG]...
 //	machineservice controller [--tokens FILE] [--nats URL]
+//	machineservice agent --server URL (--token TOKEN | --token-file FILE) --forward URL [--certificates URL]
+//	machineservice portal --server URL --token TOKEN list [--json]
+//	machineservice portal --server URL --token TOKEN request AGENT METHOD PATH [-H 'Name: value']... [--data STRING|@FILE]
 //	machineservice env
 //	machineservice version
 package main
@@ -27,6 +30,10 @@ commands:
   migrate     apply the database schema migrations and exit (also: initonly)
   controller  run the built-in controller alone on the NATS bus (flags: --tokens FILE, --nats URL, --dev)
   ctl         control a running server: machineservice ctl [--socket PATH] COMMAND (ctl help lists them)
+  agent       connect as an agent and forward requests to a local HTTP API
+              (--server URL (--token TOKEN | --token-file FILE) --forward URL [--certificates URL])
+  portal      list agents or send one a request through the relay
+              (--server URL --token TOKEN list [--json] | request AGENT METHOD PATH [-H 'Name: value']... [--data STRING|@FILE])
   env         print every setting with its default and meaning
   version     print the version
 `
@@ -52,6 +59,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runCtl(args[1:], stdout, stderr, os.Getenv)
 	case "controller":
 		err = controllerCommand(args[1:], stderr)
+	case "agent":
+		err = agentCmd(args[1:], stderr)
+	case "portal":
+		return portalCmd(args[1:], stdout, stderr)
 	case "env":
 		err = config.PrintEnv(stdout)
 	case "version":

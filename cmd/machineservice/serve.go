@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -220,7 +219,8 @@ func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time
 	if err != nil {
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("generate development key: %w", err)
 	}
-	if err := writeFileAtomic(path, wire.EncodePrivateKey(key), 0o600); err != nil {
+	// A new file gets mode 0600.
+	if err := writeFileAtomic(path, wire.EncodePrivateKey(key)); err != nil {
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("write development key file (ENVIRONMENT__DEVELOPMENTKEYFILE): %w", err)
 	}
 	now := time.Now()
@@ -271,26 +271,4 @@ func builtinController(cfg *config.Config, log *slog.Logger) (controller.Control
 		return controller.None{}, nil
 	}
 	return b, nil
-}
-
-// writeFileAtomic writes data to a temporary file beside path and renames
-// it into place, so a crash never leaves a partial file.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name()) // fails harmlessly once renamed
-	if _, err := tmp.Write(data); err != nil {
-		_ = tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(mode); err != nil {
-		_ = tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

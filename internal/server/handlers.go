@@ -175,15 +175,14 @@ func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *r
 		expires:           res.Expires,
 		key:               key,
 	}
-	if !c.becomeAuthenticated(id) {
-		return
-	}
 	result := wire.AuthResult{Accepted: true, WillReplaceToken: res.NewToken != ""}
 	if res.NewToken != "" {
 		result.NewToken = &res.NewToken
 	}
 	_ = reply.SetPayload(result)
-	c.send(reply)
+	if !c.becomeAuthenticated(id, reply) {
+		return
+	}
 	s.stats.Inc(stats.AuthClientSuccess)
 	c.logger().Info("agent authenticated", "agent", id.registeredAgentID, "version", id.clientVersion)
 	c.publish(bus.ActivityConnected, id, req.Metadata)
@@ -232,23 +231,27 @@ func (c *conn) handlePortalAuth(env *wire.Envelope) {
 		impersonated:  res.Impersonated,
 		expires:       res.Expires,
 	}
-	if !c.becomeAuthenticated(id) {
+	_ = reply.SetPayload(wire.AuthResult{Accepted: true})
+	if !c.becomeAuthenticated(id, reply) {
 		return
 	}
-	_ = reply.SetPayload(wire.AuthResult{Accepted: true})
-	c.send(reply)
 	s.stats.Inc(stats.AuthPortalSuccess)
 	c.logger().Info("portal authenticated", "impersonated", id.impersonated, "organizations", len(id.orgs))
 }
 
-// becomeAuthenticated installs id, lifts the pre-auth limits, indexes the
-// connection and registers it. It returns false when the connection closed
-// meanwhile.
-func (c *conn) becomeAuthenticated(id *identity) bool {
+// becomeAuthenticated installs id, lifts the pre-auth limits, queues the
+// auth answer, indexes the connection and registers it. It returns false
+// when the connection closed meanwhile. The answer is queued before the
+// connection can be found, so that nothing relayed to the client (a
+// command, a control request) reaches it before its auth answer: the
+// Duplicati agent drops a connection whose first message after the auth is
+// not the answer.
+func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	s := c.srv
 	old := c.id.Swap(id)
 	s.metrics.Authenticated(&c.gauge)
 	c.nc.limit.Store(0)
+	c.send(reply)
 	replaced := s.hub.authenticated(c, old, id)
 	if replaced != nil {
 		replaced.logger().Info("connection replaced by a newer one", "new_conn", c.connID)
