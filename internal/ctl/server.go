@@ -320,7 +320,7 @@ func (s *Server) control(ctx context.Context, agentID, command string, kv []stri
 		}
 		settings[k] = &v
 	}
-	resp, err := s.d.Server.Control(ctx, bus.ControlRequest{
+	resp, err := s.d.Server.RouteControl(ctx, bus.ControlRequest{
 		AgentID:  agentID,
 		Command:  command,
 		Settings: settings,
