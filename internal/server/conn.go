@@ -77,7 +77,8 @@ type conn struct {
 	authSeen    atomic.Bool              // an auth message arrived; the auth deadline no longer applies
 
 	// owned by the read loop (and the frame handler it waits for)
-	discarded int // frames discarded while the auth was pending
+	discarded  int  // frames discarded while the auth was pending
+	drainInput bool // reading stopped with input unread; see drain
 
 	// guarded by mu
 	mu          sync.Mutex
@@ -230,6 +231,7 @@ func (c *conn) readFailed(err error) {
 		// deadline.
 	case errors.Is(err, errPreAuthBudget):
 		c.close(reasonPreAuthBudget)
+		c.drainInput = true
 	case errors.As(err, &ce):
 		c.close(reasonClientClosed)
 	case errors.As(err, &ne) && ne.Timeout():
@@ -454,6 +456,17 @@ func (c *conn) abort() {
 	_ = c.ws.NetConn().Close()       // errors only if already closed
 }
 
+// maxDrain bounds what drain reads.
+const maxDrain = 1 << 20
+
+// drain reads and drops what the client still sends, for closeGrace at
+// most: closing a socket with unread input resets the connection, and the
+// client would lose the close frame that tells it why.
+func (c *conn) drain() {
+	_ = c.nc.Conn.SetReadDeadline(time.Now().Add(closeGrace))       // a closed socket ends the copy at once
+	_, _ = io.Copy(io.Discard, io.LimitReader(c.nc.Conn, maxDrain)) // ends on EOF, the deadline or the limit
+}
+
 // teardown runs once, at the end of the read loop.
 func (c *conn) teardown() {
 	s := c.srv
@@ -466,6 +479,9 @@ func (c *conn) teardown() {
 		case <-sent:
 		case <-time.After(s.cfg.WriteTimeout):
 		}
+	}
+	if c.drainInput {
+		c.drain()
 	}
 	c.abort()
 
