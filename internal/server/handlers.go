@@ -292,7 +292,11 @@ func (c *conn) unregister(id *identity) {
 		c.logger().Warn("unregistering the client failed", "err", err)
 	}
 	if c.role == wire.ClientTypeAgent {
-		c.publish(bus.ActivityDisconnected, id, nil)
+		// An agent that reconnected before its old connection ended (a
+		// replaced or half-open one) has not left.
+		if s.hub.agent(id.registeredAgentID, id.orgID) == nil {
+			c.publish(bus.ActivityDisconnected, id, nil)
+		}
 		s.pushList(id.orgID)
 	}
 }
