@@ -9,9 +9,12 @@ import (
 	"math/big"
 	"slices"
 	"testing"
+	"time"
 
+	"github.com/go-jose/go-jose/v4"
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
@@ -259,6 +262,54 @@ func TestWrongWrapping(t *testing.T) {
 		a := e.agentT(t, 1)
 		a.ServerKey = &testclient.Key(t, 2).PublicKey
 		a.Send(testclient.Message(wire.TypeAuth, "server", authRequest(a, agentA1)))
+		a.ExpectClose(websocket.ClosePolicyViolation, wire.TextInvalidStateForAuth)
+	})
+	for _, alg := range []struct {
+		name string
+		key  jose.KeyAlgorithm
+		enc  jose.ContentEncryption
+	}{
+		{"RSA1_5", jose.RSA1_5, jose.A256CBC_HS512},
+		{"RSA-OAEP", jose.RSA_OAEP, jose.A256CBC_HS512},
+		{"A128GCM", jose.RSA_OAEP_256, jose.A128GCM},
+		{"A128CBC-HS256", jose.RSA_OAEP_256, jose.A128CBC_HS256},
+	} {
+		t.Run("jwe with "+alg.name+" on agent", func(t *testing.T) {
+			a := e.agentT(t, 1)
+			msg := testclient.Message(wire.TypeAuth, "server", authRequest(a, agentA1))
+			msg.From = a.ClientID
+			plain, err := msg.Marshal(wire.StyleString)
+			if err != nil {
+				t.Fatal(err)
+			}
+			enc, err := jose.NewEncrypter(alg.enc, jose.Recipient{Algorithm: alg.key, Key: a.ServerKey}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			obj, err := enc.Encrypt(plain)
+			if err != nil {
+				t.Fatal(err)
+			}
+			compact, err := obj.CompactSerialize()
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.SendRaw([]byte(compact))
+			a.ExpectClose(websocket.ClosePolicyViolation, wire.TextInvalidStateForAuth)
+		})
+	}
+	t.Run("jws on agent", func(t *testing.T) {
+		a := e.agentT(t, 1)
+		msg := testclient.Message(wire.TypeAuth, "server", authRequest(a, agentA1))
+		plain, err := msg.Marshal(wire.StyleString)
+		if err != nil {
+			t.Fatal(err)
+		}
+		signed, err := wire.Sign(plain, a.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.SendRaw([]byte(signed))
 		a.ExpectClose(websocket.ClosePolicyViolation, wire.TextInvalidStateForAuth)
 	})
 	t.Run("garbage on agent", func(t *testing.T) {
@@ -614,4 +665,34 @@ func TestPendingAgentAuth(t *testing.T) {
 			t.Fatalf("command to the closed agent answered %+v", got)
 		}
 	})
+}
+
+// TestControllerTimeout lets the controller not answer: the auth fails
+// after the controller timeout, and is counted as a timeout.
+func TestControllerTimeout(t *testing.T) {
+	var g *gate
+	e := start(t,
+		withConfig(func(c *config.Config) { c.ControllerTimeout = 200 * time.Millisecond }),
+		withController(func(inner controller.Controller) controller.Controller {
+			g = newGate(inner)
+			g.portals = true
+			return g
+		}))
+	t.Run("agent", func(t *testing.T) {
+		a := e.agentT(t, 1)
+		if res := a.AuthAgent(agentA1); res.Accepted {
+			t.Fatal("accepted without the controller")
+		}
+		a.ExpectClose(websocket.ClosePolicyViolation, wire.TextAuthenticationFailed)
+	})
+	t.Run("portal", func(t *testing.T) {
+		p := e.portalT(t)
+		if res := p.AuthPortal(portalA, false); res.Accepted {
+			t.Fatal("accepted without the controller")
+		}
+		p.ExpectClose(websocket.ClosePolicyViolation, wire.TextAuthenticationFailed)
+	})
+	if a, p := e.stats.Get(stats.AuthClientTimeoutFailure), e.stats.Get(stats.AuthPortalTimeoutFailure); a != 1 || p != 1 {
+		t.Fatalf("AuthClientTimeoutFailure = %d, AuthPortalTimeoutFailure = %d", a, p)
+	}
 }

@@ -311,6 +311,7 @@ func TestIdle(t *testing.T) {
 // from an agent: the portal is cut, the agent is not held up and stays
 // connected, and other portals keep getting its messages.
 func TestSlowConsumer(t *testing.T) {
+	t.Parallel()
 	e := start(t, withConfig(func(c *config.Config) {
 		c.SendQueueLength = 4
 		c.WriteTimeout = 5 * time.Second
@@ -364,4 +365,27 @@ func TestSlowConsumer(t *testing.T) {
 	if got := e.stats.Get(stats.CommandRelayDestinationNotAvailable); got != before+1 {
 		t.Fatalf("CommandRelayDestinationNotAvailable = %d, want %d", got, before+1)
 	}
+}
+
+// TestWriteDeadline stalls a portal that does not read, with a send queue
+// long enough never to fill: the write deadline cuts it.
+func TestWriteDeadline(t *testing.T) {
+	t.Parallel()
+	e := start(t, withConfig(func(c *config.Config) {
+		c.SendQueueLength = 1000
+		c.WriteTimeout = 300 * time.Millisecond
+	}))
+	a := e.authedAgentT(t, 1, agentA1)
+	stuck := e.authedPortalT(t, portalA, false)
+	answer := map[string]any{"statusCode": 200, "body": strings.Repeat("B", 256<<10)}
+	for sent := 0; e.closes("write_failed") == 0; sent++ {
+		if sent == 400 { // 100 MiB: far more than any socket buffers
+			t.Fatal("the stalled portal was never cut")
+		}
+		a.Send(command(stuck.ClientID, answer))
+	}
+	if got := e.closes("slow_consumer"); got != 0 {
+		t.Fatalf("%d slow_consumer closes; the queue should not have filled", got)
+	}
+	ping(t, a)
 }
