@@ -14,8 +14,10 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/wire"
@@ -49,9 +51,7 @@ func TestAgentAuthAccepted(t *testing.T) {
 	if ids := listIDs(t, p); !slices.Equal(ids, []string{a.ClientID}) {
 		t.Fatalf("portal lists %v, want the agent %s", ids, a.ClientID)
 	}
-	if got := e.stats.Get(stats.AuthClientSuccess); got != 1 {
-		t.Fatalf("AuthClientSuccess = %d", got)
-	}
+	e.waitCounter(t, stats.AuthClientSuccess, 1)
 }
 
 func TestAgentAuthKeyFormats(t *testing.T) {
@@ -126,9 +126,7 @@ func TestAgentAuthBadKeys(t *testing.T) {
 		// it is an answer and not a close.
 		jweHeader(t, readRaw(t, a))
 	})
-	if got := e.stats.Get(stats.AuthClientSuccess); got != 1 {
-		t.Fatalf("AuthClientSuccess = %d, want only the 4096-bit agent", got)
-	}
+	e.waitCounter(t, stats.AuthClientSuccess, 1) // only the 4096-bit agent
 }
 
 func TestAgentAuthRenewal(t *testing.T) {
@@ -422,9 +420,7 @@ func TestPingBeforeAuth(t *testing.T) {
 		}
 		ping(t, p)
 	})
-	if got := e.stats.Get(stats.PingCommandSuccess); got != 2 {
-		t.Fatalf("PingCommandSuccess = %d, want only the two authenticated pings", got)
-	}
+	e.waitCounter(t, stats.PingCommandSuccess, 2) // only the two authenticated pings
 }
 
 // TestReauthentication authenticates an authenticated connection again:
@@ -436,7 +432,7 @@ func TestReauthentication(t *testing.T) {
 	a := e.authedAgentT(t, 1, agentA1)
 	p.Expect(wire.TypeList) // pushed when the agent connected
 
-	if res := a.AuthAgent(agentRenew); !res.Accepted || !res.WillReplaceToken {
+	if res := e.authAgentT(t, a, agentRenew); !res.Accepted || !res.WillReplaceToken {
 		t.Fatalf("re-auth result %+v", res)
 	}
 	ping(t, a)
@@ -444,7 +440,7 @@ func TestReauthentication(t *testing.T) {
 	if len(l) != 1 || l[0].ClientID != a.ClientID || l[0].MachineRegistrationID != "reg-renew" {
 		t.Fatalf("list after re-auth %+v", l)
 	}
-	if res := a.AuthAgent(agentA1); !res.Accepted || res.WillReplaceToken {
+	if res := e.authAgentT(t, a, agentA1); !res.Accepted || res.WillReplaceToken {
 		t.Fatalf("second re-auth result %+v", res)
 	}
 	// The portal can still reach it.
@@ -535,9 +531,8 @@ func TestPortalAuth(t *testing.T) {
 		p.Send(&wire.Envelope{Type: wire.TypeAuthPortal, Payload: json.RawMessage(`"{{"`)})
 		p.ExpectClose(websocket.ClosePolicyViolation, wire.TextInvalidAuthPayload)
 	})
-	if s, f := e.stats.Get(stats.AuthPortalSuccess), e.stats.Get(stats.AuthPortalFailure); s != 2 || f != 2 {
-		t.Fatalf("AuthPortalSuccess = %d, AuthPortalFailure = %d, want 2 and 2", s, f)
-	}
+	e.waitCounter(t, stats.AuthPortalSuccess, 2)
+	e.waitCounter(t, stats.AuthPortalFailure, 2)
 }
 
 func TestPortalSubOrganizations(t *testing.T) {
@@ -695,4 +690,52 @@ func TestControllerTimeout(t *testing.T) {
 	if a, p := e.stats.Get(stats.AuthClientTimeoutFailure), e.stats.Get(stats.AuthPortalTimeoutFailure); a != 1 || p != 1 {
 		t.Fatalf("AuthClientTimeoutFailure = %d, AuthPortalTimeoutFailure = %d", a, p)
 	}
+}
+
+// TestAuthAnswerFirst checks that the auth answer is the first message a
+// client gets after the welcome, even when the server has something for it
+// the moment it can be found: a control request for the agent, a list
+// pushed to the portal because an agent of its organization connected.
+// A registry that holds the registration keeps the connection in the
+// window between being found and being registered.
+func TestAuthAnswerFirst(t *testing.T) {
+	slow := &slowRegistry{}
+	e := start(t, func(_ *config.Config, d *server.Deps) {
+		slow.Registry = d.Registry
+		d.Registry = slow
+	})
+	t.Run("agent and control", func(t *testing.T) {
+		a := e.agentT(t, 1)
+		release := slow.holdNext(t)
+		req := testclient.Message(wire.TypeAuth, "server", authRequest(a, agentA1))
+		a.Send(req)
+		slow.waitEntered(t)
+		ch := e.control(bus.ControlRequest{AgentID: "reg-a1", OrganizationID: orgA, Command: "x"})
+		// The connection can be found now, so Control queues its request.
+		waitFor(t, "the control request", func() bool { return e.stats.Get(stats.ControlRelayInitiated) == 1 })
+		release()
+		if env := a.Expect(wire.TypeAuth); env.MessageID != req.MessageID {
+			t.Fatalf("first message %+v", env)
+		}
+		got := a.Expect(wire.TypeControl)
+		answer := testclient.Message(wire.TypeControl, got.From, wire.ControlResponse{Success: true})
+		answer.MessageID = got.MessageID
+		a.Send(answer)
+		<-ch
+	})
+	t.Run("portal and list push", func(t *testing.T) {
+		p := e.portalT(t)
+		release := slow.holdNext(t)
+		req := testclient.Message(wire.TypeAuthPortal, "MachineService", wire.AuthRequest{Token: portalA, ProtocolVersion: 1})
+		p.Send(req)
+		slow.waitEntered(t)
+		before := e.stats.Get(stats.ListCommandSuccess)
+		e.authedAgentT(t, 2, agentA2)
+		// The portal can be found now, so the agent's arrival is pushed to it.
+		waitFor(t, "the list push", func() bool { return e.stats.Get(stats.ListCommandSuccess) > before })
+		release()
+		if env := p.Expect(wire.TypeAuthPortal); env.MessageID != req.MessageID {
+			t.Fatalf("first message %+v", env)
+		}
+	})
 }

@@ -18,10 +18,12 @@ import (
 	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/wire"
 )
@@ -92,6 +94,55 @@ func (g *gate) waitEntered(t *testing.T) string {
 		t.Fatal("no validation reached the controller")
 		return ""
 	}
+}
+
+// slowRegistry holds one Register call until the test releases it: a fake
+// of timing only, the registry underneath is the real one.
+type slowRegistry struct {
+	registry.Registry
+	mu      sync.Mutex
+	hold    chan struct{} // non-nil: the next Register waits for it
+	entered chan struct{}
+}
+
+// holdNext makes the next Register wait; the returned func releases it.
+func (r *slowRegistry) holdNext(t *testing.T) (release func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	hold := make(chan struct{})
+	r.hold = hold
+	r.entered = make(chan struct{}, 1)
+	var once sync.Once
+	release = func() { once.Do(func() { close(hold) }) }
+	t.Cleanup(release)
+	return release
+}
+
+func (r *slowRegistry) waitEntered(t *testing.T) {
+	t.Helper()
+	r.mu.Lock()
+	entered := r.entered
+	r.mu.Unlock()
+	select {
+	case <-entered:
+	case <-time.After(testclient.Timeout):
+		t.Fatal("no registration started")
+	}
+}
+
+func (r *slowRegistry) Register(ctx context.Context, c registry.Client) error {
+	r.mu.Lock()
+	hold, entered := r.hold, r.entered
+	r.hold = nil
+	r.mu.Unlock()
+	if hold != nil {
+		entered <- struct{}{}
+		select {
+		case <-hold:
+		case <-ctx.Done():
+		}
+	}
+	return r.Registry.Register(ctx, c)
 }
 
 // rawDial opens a WebSocket without the test client and returns the
@@ -254,10 +305,52 @@ func (e *env) agentT(t *testing.T, n int) *testclient.Conn {
 func (e *env) authedAgentT(t *testing.T, n int, token string) *testclient.Conn {
 	t.Helper()
 	a := e.agentT(t, n)
-	if res := a.AuthAgent(token); !res.Accepted {
+	if res := e.authAgentT(t, a, token); !res.Accepted {
 		t.Fatalf("agent auth with %q refused", token)
 	}
 	return a
+}
+
+// authAgentT authenticates a as the Duplicati agent does, with its client
+// id in the metadata. The answer is queued before the connection can be
+// found; when it is accepted, authAgentT also waits for the Connected
+// activity, published once the agent can be reached and is registered.
+func (e *env) authAgentT(t *testing.T, a *testclient.Conn, token string) wire.AuthResult {
+	t.Helper()
+	before := e.connected(a.ClientID)
+	p := authRequest(a, token)
+	p.Metadata = map[string]*string{"client-id": &a.ClientID, "machine-name": &a.ClientID}
+	req := testclient.Message(wire.TypeAuth, "server", p)
+	a.Send(req)
+	res := authResult(t, a, wire.TypeAuth, req.MessageID)
+	if res.Accepted {
+		waitFor(t, "the Connected activity", func() bool { return e.connected(a.ClientID) > before })
+	}
+	return res
+}
+
+// connected counts the Connected activities of a client id.
+func (e *env) connected(clientID string) int {
+	n := 0
+	for _, a := range e.activities() {
+		if v := a.Metadata["client-id"]; a.ActivityType == bus.ActivityConnected && v != nil && *v == clientID {
+			n++
+		}
+	}
+	return n
+}
+
+// waitCounter waits for a counter to reach want: counters are moved
+// right after the message that tells the client is queued.
+func (e *env) waitCounter(t *testing.T, c stats.Counter, want int64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for e.stats.Get(c) != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s = %d, want %d", c, e.stats.Get(c), want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func (e *env) portalT(t *testing.T) *testclient.Conn {
@@ -271,6 +364,9 @@ func (e *env) authedPortalT(t *testing.T, token string, includeSubOrgs bool) *te
 	if res := p.AuthPortal(token, includeSubOrgs); !res.Accepted {
 		t.Fatalf("portal auth with %q refused", token)
 	}
+	// The answer is queued before the portal can be found; the pong
+	// follows its indexing.
+	ping(t, p)
 	return p
 }
 

@@ -49,9 +49,7 @@ func TestRelayFrom(t *testing.T) {
 			t.Fatalf("agent wrote from %q; portal got from %q id %q", answer.From, back.From, back.MessageID)
 		}
 	}
-	if got := e.stats.Get(stats.CommandRelaySuccess); got != 6 {
-		t.Fatalf("CommandRelaySuccess = %d, want 6", got)
-	}
+	e.waitCounter(t, stats.CommandRelaySuccess, 6)
 }
 
 func TestRelayDestinationNotAvailable(t *testing.T) {
@@ -162,7 +160,7 @@ func TestSameClientID(t *testing.T) {
 	first := e.authedAgentT(t, 1, agentA1)
 	second := e.agentT(t, 2)
 	second.ClientID = first.ClientID
-	if res := second.AuthAgent(agentA2); !res.Accepted {
+	if res := e.authAgentT(t, second, agentA2); !res.Accepted {
 		t.Fatal("second connection refused")
 	}
 	first.ExpectClose(websocket.CloseNormalClosure, wire.TextReplaced)
@@ -187,7 +185,7 @@ func TestSameClientID(t *testing.T) {
 	// The same client id in another organization is another client.
 	other := e.agentT(t, 3)
 	other.ClientID = first.ClientID
-	if res := other.AuthAgent(agentB1); !res.Accepted {
+	if res := e.authAgentT(t, other, agentB1); !res.Accepted {
 		t.Fatal("same id in B refused")
 	}
 	ping(t, second)
@@ -210,7 +208,7 @@ func TestReconnectSameAgent(t *testing.T) {
 	old := e.authedAgentT(t, 1, agentA1)
 	again := e.agentT(t, 1)
 	again.ClientID = old.ClientID
-	if res := again.AuthAgent(agentA1); !res.Accepted {
+	if res := e.authAgentT(t, again, agentA1); !res.Accepted {
 		t.Fatal("reconnect refused")
 	}
 	old.ExpectClose(websocket.CloseNormalClosure, wire.TextReplaced)
@@ -218,9 +216,19 @@ func TestReconnectSameAgent(t *testing.T) {
 	if ids := listIDs(t, p); !slices.Equal(ids, []string{old.ClientID}) {
 		t.Fatalf("list %v", ids)
 	}
-	acts := e.activities()
-	if last := acts[len(acts)-1]; last.ActivityType != bus.ActivityConnected || last.RegisteredAgentID != "reg-a1" {
-		t.Fatalf("last activity %+v, want the agent connected (all: %+v)", last, acts)
+	connected := func() (n int) {
+		for _, a := range e.activities() {
+			if a.ActivityType == bus.ActivityConnected {
+				n++
+			}
+		}
+		return n
+	}
+	waitFor(t, "both Connected activities", func() bool { return connected() == 2 })
+	for _, a := range e.activities() {
+		if a.ActivityType == bus.ActivityDisconnected {
+			t.Fatalf("Disconnected published while the agent is connected: %+v", e.activities())
+		}
 	}
 	// When the agent really leaves, it is reported.
 	_ = again.WS.Close()
@@ -307,7 +315,7 @@ func TestPayloadPassThrough(t *testing.T) {
 		t.Run("agent "+styleName(agentStyle), func(t *testing.T) {
 			a := e.agentT(t, 1)
 			a.Style = agentStyle
-			if !a.AuthAgent(agentA1).Accepted {
+			if !e.authAgentT(t, a, agentA1).Accepted {
 				t.Fatal("refused")
 			}
 			p := e.authedPortalT(t, portalA, false)
