@@ -75,6 +75,7 @@ type conn struct {
 	embedded    atomic.Bool              // the client writes embedded payloads
 	authPending atomic.Bool              // an agent auth awaits the controller
 	authSeen    atomic.Bool              // an auth message arrived; the auth deadline no longer applies
+	authRunning sync.WaitGroup           // an agent auth goroutine; teardown waits for it
 
 	// owned by the read loop (and the frame handler it waits for)
 	discarded  int  // frames discarded while the auth was pending
@@ -484,6 +485,9 @@ func (c *conn) teardown() {
 		c.drain()
 	}
 	c.abort()
+	// An agent auth still running would index and register the connection
+	// after it is removed below; it ends within the controller timeout.
+	c.authRunning.Wait()
 
 	id := c.identity()
 	s.hub.remove(c, id)

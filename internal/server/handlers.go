@@ -140,11 +140,13 @@ func (c *conn) handleAgentAuth(env *wire.Envelope) {
 		return
 	}
 	c.authPending.Store(true)
+	c.authRunning.Add(1)
 	go c.authenticateAgent(*env, req, key)
 }
 
 func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *rsa.PublicKey) {
 	s := c.srv
+	defer c.authRunning.Done()
 	defer c.authPending.Store(false)
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ControllerTimeout)
 	res, err := s.ctrl.ValidateAgent(ctx, req.Token)
