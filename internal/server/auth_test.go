@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"slices"
 	"testing"
@@ -738,4 +739,45 @@ func TestAuthAnswerFirst(t *testing.T) {
 			t.Fatalf("first message %+v", env)
 		}
 	})
+}
+
+// TestCloseDuringAuth closes an agent while its authentication is still
+// being completed (the registry holds the registration): the agent must
+// not stay listed or reachable, and its Disconnected activity must follow
+// its Connected one.
+func TestCloseDuringAuth(t *testing.T) {
+	slow := &slowRegistry{}
+	e := start(t, func(_ *config.Config, d *server.Deps) {
+		slow.Registry = d.Registry
+		d.Registry = slow
+	})
+	p := e.authedPortalT(t, portalA, false)
+	a := e.agentT(t, 1)
+	release := slow.holdNext(t)
+	a.Send(testclient.Message(wire.TypeAuth, "server", authRequest(a, agentA1)))
+	slow.waitEntered(t)
+	_ = a.WS.Close()
+	// Give the server time to see the close and tear the connection down.
+	// It may count the close only once the registration is released, so
+	// this waits for the count, but not for long.
+	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if e.closes("client_closed")+e.closes("connection_lost") == 1 {
+			break
+		}
+	}
+	release()
+	waitFor(t, "the Disconnected activity", func() bool {
+		acts := e.activities()
+		return len(acts) > 0 && acts[len(acts)-1].ActivityType == bus.ActivityDisconnected
+	})
+	if ids := listIDs(t, p); len(ids) != 0 {
+		t.Fatalf("a closed agent is listed: %v", ids)
+	}
+	r := waitControl(t, e.control(bus.ControlRequest{AgentID: "reg-a1", OrganizationID: orgA, Command: "x"}))
+	if !errors.Is(r.err, server.ErrNotConnected) {
+		t.Fatalf("Control to the closed agent: %+v, %v", r.resp, r.err)
+	}
+	if acts := e.activities(); acts[len(acts)-1].ActivityType != bus.ActivityDisconnected {
+		t.Fatalf("activities %+v, want Disconnected last", acts)
+	}
 }
