@@ -4,9 +4,11 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/testclient"
@@ -166,5 +168,49 @@ func TestWelcome(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestTrickledUpgrade sends an upgrade request's headers a byte at a time,
+// as a client holding sockets open would: the server's header timeout
+// (10 s, well before the 30 s request timeout) closes the socket.
+func TestTrickledUpgrade(t *testing.T) {
+	t.Parallel()
+	e := start(t)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	began := time.Now()
+	if _, err := conn.Write([]byte("GET /agent HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		buf := make([]byte, 512)
+		_ = conn.SetReadDeadline(time.Now().Add(time.Minute))
+		for {
+			if _, err := conn.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-closed:
+			if d := time.Since(began); d > 25*time.Second {
+				t.Fatalf("closed after %v, not by the header timeout", d)
+			}
+			return
+		case <-tick.C:
+			if _, err := conn.Write([]byte("X")); err != nil {
+				<-closed // the server has closed; the reader sees it too
+				return
+			}
+		}
 	}
 }
