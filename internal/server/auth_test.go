@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
@@ -779,5 +780,31 @@ func TestCloseDuringAuth(t *testing.T) {
 	}
 	if acts := e.activities(); acts[len(acts)-1].ActivityType != bus.ActivityDisconnected {
 		t.Fatalf("activities %+v, want Disconnected last", acts)
+	}
+}
+
+// generousController hands out the sub-organizations whether or not they
+// were asked for, as a controller reached over the bus may.
+type generousController struct{ controller.Controller }
+
+func (g generousController) ValidatePortal(ctx context.Context, token string, _ bool) (controller.Portal, error) {
+	return g.Controller.ValidatePortal(ctx, token, true)
+}
+
+// TestSubOrganizationsOnlyWhenAsked checks that the server, not only the
+// controller, keeps a portal that did not ask to its own organization.
+func TestSubOrganizationsOnlyWhenAsked(t *testing.T) {
+	e := start(t, withController(func(inner controller.Controller) controller.Controller {
+		return generousController{inner}
+	}))
+	a := e.authedAgentT(t, 1, agentA1)
+	sub := e.authedAgentT(t, 2, agentSub1)
+	own := e.authedPortalT(t, portalA, false)
+	if ids := listIDs(t, own); !slices.Equal(ids, []string{a.ClientID}) {
+		t.Fatalf("portal that did not ask lists %v", ids)
+	}
+	all := e.authedPortalT(t, portalA, true)
+	if ids := listIDs(t, all); len(ids) != 2 || !slices.Contains(ids, sub.ClientID) {
+		t.Fatalf("portal that asked lists %v", ids)
 	}
 }
