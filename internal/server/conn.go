@@ -464,7 +464,7 @@ const maxDrain = 1 << 20
 // most: closing a socket with unread input resets the connection, and the
 // client would lose the close frame that tells it why.
 func (c *conn) drain() {
-	_ = c.nc.Conn.SetReadDeadline(time.Now().Add(closeGrace))       // a closed socket ends the copy at once
+	_ = c.nc.SetReadDeadline(time.Now().Add(closeGrace))            // a closed socket ends the copy at once
 	_, _ = io.Copy(io.Discard, io.LimitReader(c.nc.Conn, maxDrain)) // ends on EOF, the deadline or the limit
 }
 
