@@ -342,8 +342,7 @@ func TestShutdown(t *testing.T) {
 func TestShutdownUnresponsive(t *testing.T) {
 	t.Parallel()
 	e := start(t)
-	a := e.authedAgentT(t, 1, agentA1)
-	_ = a // never read again
+	e.authedAgentT(t, 1, agentA1) // never read again
 	p := e.authedPortalT(t, portalA, false)
 	p.WS.SetCloseHandler(func(int, string) error { return nil }) // no close answer
 	go func() {

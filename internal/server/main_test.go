@@ -178,30 +178,14 @@ func (e *env) agent(n int) *testclient.Conn {
 	return testclient.DialAgent(e.t, e.base, &testclient.Key(e.t, serverKeyIndex).PublicKey, n)
 }
 
-// authedAgent dials and authenticates an agent.
-func (e *env) authedAgent(n int, token string) *testclient.Conn {
-	e.t.Helper()
-	a := e.agent(n)
-	if res := a.AuthAgent(token); !res.Accepted {
-		e.t.Fatalf("agent auth with %q refused", token)
-	}
-	return a
-}
+// Authenticated clients come from authedAgentT and authedPortalT in
+// helpers_test.go: they are bound to the calling (sub)test and wait until
+// the client can be reached.
 
 // portal dials /portal.
 func (e *env) portal() *testclient.Conn {
 	e.t.Helper()
 	return testclient.DialPortal(e.t, e.base)
-}
-
-// authedPortal dials and authenticates a portal.
-func (e *env) authedPortal(token string, includeSubOrgs bool) *testclient.Conn {
-	e.t.Helper()
-	p := e.portal()
-	if res := p.AuthPortal(token, includeSubOrgs); !res.Accepted {
-		e.t.Fatalf("portal auth with %q refused", token)
-	}
-	return p
 }
 
 // activities returns the activity events published so far.
