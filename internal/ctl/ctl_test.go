@@ -349,9 +349,19 @@ func TestConnections(t *testing.T) {
 func TestStats(t *testing.T) {
 	e := start(t)
 	e.agent(1, agentToken)
-	code, out, errOut := e.ctl("stats")
-	if code != 0 {
-		t.Fatalf("exit %d: %s", code, errOut)
+	// The counter moves just after the auth answer is queued: poll.
+	var code int
+	var out, errOut string
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, out, errOut = e.ctl("stats")
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, errOut)
+		}
+		if strings.Contains(out, "AuthClientSuccess 1\n") || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	for _, want := range []string{"AuthClientSuccess 1\n", "CommandRelaySuccess 0\n", "openConnections 1\n", "totalConnections 1\n", "rejected.scanner 7\n", "uptime "} {
 		if !strings.Contains(out, want) {
