@@ -680,14 +680,14 @@ func TestControllerTimeout(t *testing.T) {
 		if res := a.AuthAgent(agentA1); res.Accepted {
 			t.Fatal("accepted without the controller")
 		}
-		a.ExpectClose(websocket.ClosePolicyViolation, wire.TextAuthenticationFailed)
+		a.ExpectClose(websocket.CloseTryAgainLater, wire.TextControllerUnavailable)
 	})
 	t.Run("portal", func(t *testing.T) {
 		p := e.portalT(t)
 		if res := p.AuthPortal(portalA, false); res.Accepted {
 			t.Fatal("accepted without the controller")
 		}
-		p.ExpectClose(websocket.ClosePolicyViolation, wire.TextAuthenticationFailed)
+		p.ExpectClose(websocket.CloseTryAgainLater, wire.TextControllerUnavailable)
 	})
 	if a, p := e.stats.Get(stats.AuthClientTimeoutFailure), e.stats.Get(stats.AuthPortalTimeoutFailure); a != 1 || p != 1 {
 		t.Fatalf("AuthClientTimeoutFailure = %d, AuthPortalTimeoutFailure = %d", a, p)
@@ -712,10 +712,33 @@ func TestAuthAnswerFirst(t *testing.T) {
 		req := testclient.Message(wire.TypeAuth, "server", authRequest(a, agentA1))
 		a.Send(req)
 		slow.waitEntered(t)
-		ch := e.control(bus.ControlRequest{AgentID: "reg-a1", OrganizationID: orgA, Command: "x"})
-		// The connection can be found now, so Control queues its request.
-		waitFor(t, "the control request", func() bool { return e.stats.Get(stats.ControlRelayInitiated) == 1 })
 		release()
+		// Control requests from the moment the connection can be found:
+		// the first one that reaches it must still come after the answer.
+		var ch <-chan controlResult
+		for deadline := time.Now().Add(10 * time.Second); ch == nil; {
+			if time.Now().After(deadline) {
+				t.Fatal("no control request reached the agent")
+			}
+			try := e.control(bus.ControlRequest{AgentID: "reg-a1", OrganizationID: orgA, Command: "x"})
+			// Each try either fails at once (not connected yet) or is
+			// sent, and then waits for the agent's answer.
+			for ch == nil {
+				if e.stats.Get(stats.ControlRelayInitiated) == 1 {
+					ch = try
+					break
+				}
+				select {
+				case r := <-try:
+					if !errors.Is(r.err, server.ErrNotConnected) {
+						t.Fatalf("control: %v", r.err)
+					}
+				case <-time.After(time.Millisecond):
+					continue
+				}
+				break
+			}
+		}
 		if env := a.Expect(wire.TypeAuth); env.MessageID != req.MessageID {
 			t.Fatalf("first message %+v", env)
 		}
@@ -731,13 +754,13 @@ func TestAuthAnswerFirst(t *testing.T) {
 		req := testclient.Message(wire.TypeAuthPortal, "MachineService", wire.AuthRequest{Token: portalA, ProtocolVersion: 1})
 		p.Send(req)
 		slow.waitEntered(t)
-		before := e.stats.Get(stats.ListCommandSuccess)
-		e.authedAgentT(t, 2, agentA2)
-		// The portal can be found now, so the agent's arrival is pushed to it.
-		waitFor(t, "the list push", func() bool { return e.stats.Get(stats.ListCommandSuccess) > before })
 		release()
-		if env := p.Expect(wire.TypeAuthPortal); env.MessageID != req.MessageID {
-			t.Fatalf("first message %+v", env)
+		// An agent arriving right away is pushed to the portal, after the
+		// portal's own answer.
+		e.authedAgentT(t, 2, agentA2)
+		env, err := p.Read()
+		if err != nil || env.Type != wire.TypeAuthPortal || env.MessageID != req.MessageID {
+			t.Fatalf("first message %+v, %v", env, err)
 		}
 	})
 }

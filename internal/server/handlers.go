@@ -43,7 +43,10 @@ func (c *conn) handleFrame(data []byte) {
 	if st, ok := env.PayloadStyle(); ok {
 		c.embedded.Store(st == wire.StyleEmbedded)
 	}
-	if id != nil && !id.expires.IsZero() && !c.srv.now().Before(id.expires) {
+	// An expired connection may still authenticate again with a fresh
+	// token; anything else gets the warning and the close.
+	reauth := env.Type == wire.TypeAuth || env.Type == wire.TypeAuthPortal
+	if id != nil && !reauth && !id.expires.IsZero() && !c.srv.now().Before(id.expires) {
 		c.logger().Info("token expired", "expired", id.expires)
 		c.send(&wire.Envelope{From: c.srv.cfg.InstanceID, To: id.clientID, Type: wire.TypeWarning,
 			MessageID: uuid.NewString(), ErrorMessage: wire.TextTokenExpired})
@@ -153,6 +156,7 @@ func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *r
 	cancel()
 	reply := &wire.Envelope{From: s.cfg.InstanceID, To: env.From, Type: wire.TypeAuth, MessageID: env.MessageID}
 	if err != nil {
+		why := reasonAuthRejected
 		switch {
 		case errors.Is(err, controller.ErrAgentNotFound):
 			s.stats.Inc(stats.AuthClientNotFound)
@@ -160,11 +164,12 @@ func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *r
 			s.stats.Inc(stats.AuthClientFailure)
 		default:
 			s.stats.Inc(stats.AuthClientTimeoutFailure)
+			why = reasonControllerUnavailable // the client may retry later
 		}
 		c.logger().Info("agent authentication failed", "err", err)
 		_ = reply.SetPayload(wire.AuthResult{Accepted: false})
 		c.sendTo(reply, key)
-		c.close(reasonAuthRejected)
+		c.close(why)
 		return
 	}
 	id := &identity{
@@ -205,15 +210,17 @@ func (c *conn) handlePortalAuth(env *wire.Envelope) {
 	cancel()
 	reply := &wire.Envelope{From: s.cfg.InstanceID, To: env.From, Type: wire.TypeAuthPortal, MessageID: env.MessageID}
 	if err != nil {
+		why := reasonAuthRejected
 		if errors.Is(err, controller.ErrRejected) || errors.Is(err, controller.ErrAgentNotFound) {
 			s.stats.Inc(stats.AuthPortalFailure)
 		} else {
 			s.stats.Inc(stats.AuthPortalTimeoutFailure)
+			why = reasonControllerUnavailable // the client may retry later
 		}
 		c.logger().Info("portal authentication failed", "err", err)
 		_ = reply.SetPayload(wire.AuthResult{Accepted: false})
 		c.send(reply)
-		c.close(reasonAuthRejected)
+		c.close(why)
 		return
 	}
 	orgs := []string{res.OrganizationID}
@@ -250,21 +257,8 @@ func (c *conn) handlePortalAuth(env *wire.Envelope) {
 // not the answer.
 func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	s := c.srv
-	old := c.id.Swap(id)
-	s.metrics.Authenticated(&c.gauge)
-	c.nc.limit.Store(0)
-	c.send(reply)
-	replaced := s.hub.authenticated(c, old, id)
-	if replaced != nil {
-		replaced.logger().Info("connection replaced by a newer one", "new_conn", c.connID)
-		replaced.close(reasonReplaced)
-	}
-	if old != nil && (old.clientID != id.clientID || old.orgID != id.orgID) {
-		c.unregister(old)
-	}
-	if c.isClosing() {
-		return false
-	}
+	// Registered first, so that a list the client asks for once it has its
+	// answer shows it.
 	err := s.reg.Register(s.ctx, registry.Client{
 		ClientID:              id.clientID,
 		OrganizationID:        id.orgID,
@@ -279,6 +273,23 @@ func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	if err != nil {
 		s.stats.Inc(stats.RegistryFailure)
 		c.logger().Warn("registering the client failed", "err", err)
+	}
+	old := c.id.Swap(id)
+	s.metrics.Authenticated(&c.gauge)
+	c.nc.limit.Store(0)
+	// The answer is queued before the connection can be found, so nothing
+	// relayed to it can overtake it.
+	c.send(reply)
+	replaced := s.hub.authenticated(c, old, id)
+	if replaced != nil {
+		replaced.logger().Info("connection replaced by a newer one", "new_conn", c.connID)
+		replaced.close(reasonReplaced)
+	}
+	if old != nil && (old.clientID != id.clientID || old.orgID != id.orgID) {
+		c.unregister(old)
+	}
+	if c.isClosing() {
+		return false
 	}
 	c.extendReadDeadline()
 	return true
