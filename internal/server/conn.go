@@ -85,6 +85,7 @@ type conn struct {
 	mu          sync.Mutex
 	queue       []outFrame
 	writing     bool // a writer goroutine is draining queue
+	corked      bool // frames are queued but not written yet; see cork
 	closing     bool
 	reason      closeReason
 	closeSent   chan struct{} // closed once the close frame is written or abandoned
@@ -341,12 +342,31 @@ func (c *conn) enqueue(f outFrame, force bool) bool {
 		return false
 	}
 	c.queue = append(c.queue, f)
-	if !c.writing {
+	if !c.writing && !c.corked {
 		c.writing = true
 		go c.writeLoop()
 	}
 	c.mu.Unlock()
 	return true
+}
+
+// cork holds queued frames back until uncork, so that what is queued
+// meanwhile goes out together, in order, once the connection is ready.
+func (c *conn) cork() {
+	c.mu.Lock()
+	c.corked = true
+	c.mu.Unlock()
+}
+
+// uncork writes what cork held back.
+func (c *conn) uncork() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.corked = false
+	if len(c.queue) > 0 && !c.writing {
+		c.writing = true
+		go c.writeLoop()
+	}
 }
 
 // writeLoop drains the queue and exits when it is empty, so an idle
@@ -358,6 +378,11 @@ func (c *conn) writeLoop() {
 		if len(c.queue) == 0 {
 			c.writing = false
 			c.queue = nil
+			c.mu.Unlock()
+			return
+		}
+		if c.corked {
+			c.writing = false // uncork starts a writer again
 			c.mu.Unlock()
 			return
 		}

@@ -278,9 +278,12 @@ func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	s.metrics.Authenticated(&c.gauge)
 	c.nc.limit.Store(0)
 	// The answer is queued before the connection can be found, so nothing
-	// relayed to it can overtake it.
+	// relayed to it can overtake it, and written only once it can be
+	// found, so the client can be reached as soon as it has its answer.
+	c.cork()
 	c.send(reply)
 	replaced := s.hub.authenticated(c, old, id)
+	c.uncork()
 	if replaced != nil {
 		replaced.logger().Info("connection replaced by a newer one", "new_conn", c.connID)
 		replaced.close(reasonReplaced)
