@@ -179,9 +179,9 @@ func TestReadyFollowsDependencies(t *testing.T) {
 	}
 	px.Restore()
 	s.waitReady("database restored", http.StatusOK, "ready")
-	if !strings.Contains(s.stderr.String(), "registry database reachable again") {
-		t.Fatalf("ready before the registry recovered; stderr:\n%s", s.stderr.String())
-	}
+	servertest.WaitFor(t, "the registry to write its clients back", func() bool {
+		return strings.Contains(s.stderr.String(), "registry database reachable again")
+	})
 
 	natsPort := ns.Addr().(*net.TCPAddr).Port
 	ns.Shutdown()
