@@ -85,7 +85,7 @@ func TestTwoInstances(t *testing.T) {
 		if !other.AuthPortal(servertest.OtherPortalToken, false).Accepted {
 			t.Fatal("the other organization's portal was refused")
 		}
-		if got := testclient.DecodeList(t, listMessage(t, other)); len(got) != 0 {
+		if got := other.List(); len(got) != 0 {
 			t.Fatalf("the other organization's portal lists %+v", got)
 		}
 		other.Send(testclient.Message(wire.TypeCommand, agentB.ClientID(), wire.CommandRequest{Method: "GET", Path: "/secret"}))
@@ -188,20 +188,6 @@ func TestTwoInstances(t *testing.T) {
 			t.Fatal("the agent that left is still listed")
 		}
 	})
-}
-
-// listMessage sends a list request on a bare portal connection and
-// returns the answer, skipping pushed lists.
-func listMessage(t *testing.T, p *testclient.Conn) wire.Envelope {
-	t.Helper()
-	req := testclient.Message(wire.TypeList, "MachineService", nil)
-	p.Send(req)
-	for {
-		env := p.Expect(wire.TypeList)
-		if env.MessageID == req.MessageID {
-			return env
-		}
-	}
 }
 
 // waitPush reads the lists pushed to c until one satisfies ok.
