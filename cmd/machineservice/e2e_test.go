@@ -192,6 +192,20 @@ func TestReadyFollowsDependencies(t *testing.T) {
 	s.stop()
 }
 
+// TestReadyFollowsStatisticsDatabase: with the registry in memory and
+// only the statistics in PostgreSQL, /ready follows the database too.
+func TestReadyFollowsStatisticsDatabase(t *testing.T) {
+	conn, _ := pgtest.Schema(t)
+	px, proxied := pgtest.StartProxy(t, conn)
+	s := runServe(t, []string{"DATABASE__CONNECTIONSTRING=" + proxied, "ENVIRONMENT__INMEMORYCLIENTLIST=true"})
+	s.waitReady("started", http.StatusOK, "ready")
+	px.Cut()
+	s.waitReady("database cut", http.StatusServiceUnavailable, "database: ")
+	px.Restore()
+	s.waitReady("database restored", http.StatusOK, "ready")
+	s.stop()
+}
+
 // controlEcho answers control requests with the command, the "k"
 // setting, and who answered.
 func controlEcho(name string) agent.ControlHandler {
