@@ -113,6 +113,13 @@ type instance struct {
 
 // start runs an instance until the test ends.
 func (c *cluster) start(id string) *instance {
+	c.t.Helper()
+	return c.startOn(id, c.conn)
+}
+
+// startOn runs an instance whose registry reaches the cluster's database
+// through conn (a proxy in front of it, say).
+func (c *cluster) startOn(id, conn string) *instance {
 	t := c.t
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -132,7 +139,7 @@ func (c *cluster) start(id string) *instance {
 	in := &instance{id: id, base: "http://" + l.Addr().String(), url: cfg.PublicURL, stats: stats.New()}
 
 	ctx := context.Background()
-	pool, err := registry.OpenPool(ctx, c.conn, cfg.DatabaseTimeout)
+	pool, err := registry.OpenPool(ctx, conn, cfg.DatabaseTimeout)
 	if err != nil {
 		t.Fatalf("%s: open pool: %v", id, err)
 	}
