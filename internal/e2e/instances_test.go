@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,6 +77,16 @@ func TestTwoInstances(t *testing.T) {
 		}
 		if !slices.Contains(apiA.seen(), "/b-to-a") {
 			t.Fatalf("the local API behind the agent on A saw headers %q", apiA.seen())
+		}
+	})
+
+	t.Run("large answer across instances", func(t *testing.T) {
+		// About half of what one message may carry once base64 and the
+		// JWE have grown it, and well within NATS' default max_payload.
+		const size = 384 << 10
+		status, by, body := call(t, portalA, agentB.ClientID(), fmt.Sprintf("/big?size=%d", size), "")
+		if status != http.StatusOK || by != "agent on B" || body != strings.Repeat("x", size) {
+			t.Fatalf("answer %d from %q with %d bytes, want 200 from the agent on B with %d", status, by, len(body), size)
 		}
 	})
 

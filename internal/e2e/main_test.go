@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -225,7 +227,7 @@ func (c *cluster) startOn(id, conn string) *instance {
 
 // localAPI is the HTTP API behind an agent: it answers every request
 // with its name, the method, path and body it got, and records the
-// request's X-Test header.
+// request's X-Test header; a request with ?size=N gets N bytes instead.
 type localAPI struct {
 	name string
 	srv  *httptest.Server
@@ -243,6 +245,10 @@ func startLocalAPI(t *testing.T, name string) *localAPI {
 		api.headers = append(api.headers, r.Header.Get("X-Test"))
 		api.mu.Unlock()
 		w.Header().Set("X-Served-By", name)
+		if n, err := strconv.Atoi(r.URL.Query().Get("size")); err == nil {
+			_, _ = w.Write(bytes.Repeat([]byte{'x'}, n)) // the test reads what arrived
+			return
+		}
 		w.WriteHeader(http.StatusAccepted)
 		fmt.Fprintf(w, "%s: %s %s body=%q", name, r.Method, r.URL.RequestURI(), body)
 	}))
