@@ -22,8 +22,8 @@ import (
 
 // TestTwoInstances runs two instances on one PostgreSQL registry and one
 // NATS bus, with an agent on each, and checks what crosses between them:
-// lists, commands both ways, the organization check, control requests
-// from the bus and list pushes.
+// lists, commands both ways (one with a large answer), the organization
+// check, control requests from the bus and list pushes.
 func TestTwoInstances(t *testing.T) {
 	c := newCluster(t)
 	a := c.start("instance-a")
