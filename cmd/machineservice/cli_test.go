@@ -29,6 +29,13 @@ func TestMain(m *testing.M) {
 }
 
 func buildAndRun(m *testing.M) int {
+	for _, kv := range isolatedSettings {
+		k, v, _ := strings.Cut(kv, "=")
+		if err := os.Setenv(k, v); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
 	dir, err := os.MkdirTemp("", "machineservice-cli-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/metrics"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 )
@@ -113,6 +114,22 @@ func openBackends(ctx context.Context, cfg *config.Config, log *slog.Logger) (*b
 	b.wg.Go(func() { cleanupLoop(cctx, pool, cfg, log) })
 	ok = true
 	return b, nil
+}
+
+// statisticsCheck is a readiness check for the database when only the
+// statistics are kept there; a PostgreSQL registry checks it itself. It
+// is nil without a database.
+func (b *backends) statisticsCheck() metrics.Checker {
+	if b.pg != nil || b.pool == nil {
+		return nil
+	}
+	pool := b.pool
+	return metrics.CheckerFunc(func(ctx context.Context) error {
+		if err := pool.Ping(ctx); err != nil {
+			return fmt.Errorf("statistics database unreachable: %w", err)
+		}
+		return nil
+	})
 }
 
 // close removes this instance's registrations and closes the pool.

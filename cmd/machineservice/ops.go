@@ -33,7 +33,7 @@ type opsDeps struct {
 // dependency that can tell whether it is reachable.
 func readinessChecks(srv *server.Server, deps ...any) []metrics.Check {
 	checks := []metrics.Check{{Name: "server", Checker: srv}}
-	names := []string{"registry", "bus", "controller"}
+	names := []string{"registry", "bus", "controller", "database"}
 	for i, d := range deps {
 		name := fmt.Sprintf("dependency %d", i)
 		if i < len(names) {

@@ -138,7 +138,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		stats:    st,
 		guard:    guard,
 		gatherer: gatherer,
-		checks:   readinessChecks(srv, deps.Registry, deps.Events, deps.Controller),
+		checks:   readinessChecks(srv, deps.Registry, deps.Events, deps.Controller, be.statisticsCheck()),
 	})
 	if err != nil {
 		return err

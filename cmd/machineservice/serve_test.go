@@ -109,8 +109,15 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
+// isolatedSettings replace defaults that every process on the machine
+// shares (the metrics address 127.0.0.1:9091, the production control
+// socket), so that a server a test starts does not collide with another
+// test run or a real server. TestMain sets them for the servers run in
+// this process, and childEnv for children.
+var isolatedSettings = []string{"METRICS__LISTEN=127.0.0.1:0", "ENVIRONMENT__CONTROLSOCKET=off"}
+
 // childEnv is this process's environment without the command's settings,
-// plus extra.
+// plus isolatedSettings, plus extra, which wins over both.
 func childEnv(extra ...string) []string {
 	var env []string
 	// The race detector otherwise waits a second before a clean exit.
@@ -118,14 +125,15 @@ func childEnv(extra ...string) []string {
 	for _, kv := range os.Environ() {
 		switch {
 		case strings.HasPrefix(kv, "ENVIRONMENT__"), strings.HasPrefix(kv, "AUTH__"),
-			strings.HasPrefix(kv, "DATABASE__"), strings.HasPrefix(kv, "MESSAGING__"):
+			strings.HasPrefix(kv, "DATABASE__"), strings.HasPrefix(kv, "MESSAGING__"), strings.HasPrefix(kv, "METRICS__"):
 		case strings.HasPrefix(kv, "GORACE="):
 			gorace = strings.TrimPrefix(kv, "GORACE=") + " " + gorace
 		default:
 			env = append(env, kv)
 		}
 	}
-	return append(append(env, "GORACE="+gorace), extra...)
+	env = append(append(env, "GORACE="+gorace), isolatedSettings...)
+	return append(env, extra...) // exec uses the last value of a key
 }
 
 // examplesTokens is the absolute path of the shipped tokens file; the

@@ -1,6 +1,7 @@
 // Package pgtest gives tests a fresh schema in the PostgreSQL named by
 // MACHINESERVICE_TEST_POSTGRES, so that tests and parallel runs sharing
-// one database do not see each other's rows.
+// one database do not see each other's rows, and a TCP proxy in front of
+// it that a test can cut to play a database outage.
 package pgtest
 
 import (

@@ -138,9 +138,14 @@ func (s *Server) RouteControl(ctx context.Context, req bus.ControlRequest) (bus.
 	entry, ok, err := s.reg.LookupAgent(ctx, req.AgentID, req.OrganizationID)
 	if err != nil {
 		s.stats.Inc(stats.RegistryFailure)
+		s.stats.Inc(stats.ControlRelayFailure)
 		s.log.Warn("looking up the agent of a control request failed", "agent", req.AgentID, "org", req.OrganizationID, "err", err)
+		// Another instance may hold the agent: not finding out is no
+		// reason to answer that it is not connected.
+		return bus.ControlResponse{AgentID: req.AgentID, OrganizationID: req.OrganizationID, Message: wire.TextRegistryUnavailable},
+			fmt.Errorf("look up agent %s: %w", req.AgentID, err)
 	}
-	if err != nil || !ok || entry.InstanceID == "" || entry.InstanceID == s.cfg.InstanceID {
+	if !ok || entry.InstanceID == "" || entry.InstanceID == s.cfg.InstanceID {
 		return s.Control(ctx, req) // answers that the agent is not connected
 	}
 	fctx, cancel := context.WithTimeout(ctx, s.cfg.ControlTimeout+controlForwardMargin)

@@ -227,6 +227,27 @@ func (c *Conn) Expect(typ string) wire.Envelope {
 	return env
 }
 
+// Next reads until a message of type typ arrives, skipping the lists the
+// server pushes when an agent of the organization connects or leaves:
+// one may arrive at any time after a portal authenticated, even for an
+// agent whose auth answer came before. Any other message fails the test.
+func (c *Conn) Next(typ string) wire.Envelope {
+	c.t.Helper()
+	for {
+		env, err := c.Read()
+		if err != nil {
+			c.t.Fatalf("%s: waiting for %q: %v", c.Role, typ, err)
+		}
+		if env.Type == typ {
+			return env
+		}
+		if env.Type != wire.TypeList {
+			c.t.Fatalf("%s: got %q (%+v), want %q", c.Role, env.Type, env, typ)
+		}
+		c.t.Logf("%s: skipped a pushed list while waiting for %q", c.Role, typ)
+	}
+}
+
 // ExpectClose reads until the connection closes and checks the close code
 // and reason text.
 func (c *Conn) ExpectClose(code int, text string) {
