@@ -45,6 +45,8 @@ func (c Client) Registration() wire.ClientRegistration {
 // use.
 type Registry interface {
 	// Register adds or replaces the entry for (ClientID, OrganizationID).
+	// It fails with ErrConflict when a fresh entry under that key belongs
+	// to a client of another type or another registered agent id.
 	Register(ctx context.Context, c Client) error
 	// Touch marks the entry as seen now, if the connection still owns it.
 	Touch(ctx context.Context, clientID, organizationID, connectionID string) error
@@ -66,6 +68,11 @@ type Registry interface {
 	// within the client timeout, ordered by organization and client id.
 	Agents(ctx context.Context, organizationIDs []string) ([]Client, error)
 }
+
+// ErrConflict means Register found the client id taken, in the same
+// organization, by a client of another type or another registered agent:
+// the newcomer is refused rather than allowed to push the other out.
+var ErrConflict = errors.New("client id taken by another client")
 
 // ErrUnavailable means the registry's store cannot be reached.
 var ErrUnavailable = errors.New("registry unavailable")
