@@ -54,6 +54,13 @@ func (c *conn) handleFrame(data []byte) {
 		return
 	}
 
+	if id == nil && c.role == wire.ClientTypeAgent && env.Type != wire.TypeAuth && env.Type != wire.TypeAuthPortal && env.Type != wire.TypeList {
+		// Each agent frame costs an RSA decryption: before authentication
+		// only the auth message is worth one.
+		c.logger().Info("agent message before authentication", "type", env.Type)
+		c.close(reasonNotAuthenticated)
+		return
+	}
 	switch env.Type {
 	case wire.TypeAuth:
 		if c.role != wire.ClientTypeAgent {
@@ -151,10 +158,14 @@ func (c *conn) authenticateAgent(env wire.Envelope, req wire.AuthRequest, key *r
 	s := c.srv
 	defer c.authRunning.Done()
 	defer c.authPending.Store(false)
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ControllerTimeout)
+	ctx, cancel := context.WithTimeout(s.authCtx, s.cfg.ControllerTimeout)
 	res, err := s.ctrl.ValidateAgent(ctx, req.Token)
 	cancel()
 	reply := &wire.Envelope{From: s.cfg.InstanceID, To: env.From, Type: wire.TypeAuth, MessageID: env.MessageID}
+	if err != nil && s.shuttingDown() {
+		c.close(reasonShuttingDown) // not the controller's failure
+		return
+	}
 	if err != nil {
 		why := reasonAuthRejected
 		switch {
@@ -205,10 +216,14 @@ func (c *conn) handlePortalAuth(env *wire.Envelope) {
 	if !ok {
 		return
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ControllerTimeout)
+	ctx, cancel := context.WithTimeout(s.authCtx, s.cfg.ControllerTimeout)
 	res, err := s.ctrl.ValidatePortal(ctx, req.Token, req.IncludeSubOrgs)
 	cancel()
 	reply := &wire.Envelope{From: s.cfg.InstanceID, To: env.From, Type: wire.TypeAuthPortal, MessageID: env.MessageID}
+	if err != nil && s.shuttingDown() {
+		c.close(reasonShuttingDown) // not the controller's failure
+		return
+	}
 	if err != nil {
 		why := reasonAuthRejected
 		if errors.Is(err, controller.ErrRejected) || errors.Is(err, controller.ErrAgentNotFound) {
@@ -257,6 +272,10 @@ func (c *conn) handlePortalAuth(env *wire.Envelope) {
 // not the answer.
 func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	s := c.srv
+	if s.hub.taken(c, id) {
+		c.refuseTaken(id, reply)
+		return false
+	}
 	// Registered first, so that a list the client asks for once it has its
 	// answer shows it.
 	err := s.reg.Register(s.ctx, registry.Client{
@@ -270,7 +289,11 @@ func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 		MachineRegistrationID: id.registeredAgentID,
 		ClientIP:              c.remoteIP,
 	})
-	if err != nil {
+	switch {
+	case errors.Is(err, registry.ErrConflict):
+		c.refuseTaken(id, reply)
+		return false
+	case err != nil:
 		s.stats.Inc(stats.RegistryFailure)
 		c.logger().Warn("registering the client failed", "err", err)
 	}
@@ -282,7 +305,24 @@ func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	// found, so the client can be reached as soon as it has its answer.
 	c.cork()
 	c.send(reply)
-	replaced := s.hub.authenticated(c, old, id)
+	replaced, taken := s.hub.authenticated(c, old, id)
+	if taken {
+		// Another client took the id meanwhile: take the answer back.
+		c.mu.Lock()
+		if n := len(c.queue); n > 0 {
+			c.queue = c.queue[:n-1]
+		}
+		c.mu.Unlock()
+		c.id.Store(old)
+		c.uncork()
+		if err == nil {
+			if uerr := s.reg.Unregister(s.ctx, id.clientID, id.orgID, c.connID); uerr != nil {
+				c.logger().Warn("unregistering the refused client failed", "err", uerr)
+			}
+		}
+		c.refuseTaken(id, reply)
+		return false
+	}
 	c.uncork()
 	if replaced != nil {
 		replaced.logger().Info("connection replaced by a newer one", "new_conn", c.connID)
@@ -296,6 +336,22 @@ func (c *conn) becomeAuthenticated(id *identity, reply *wire.Envelope) bool {
 	}
 	c.extendReadDeadline()
 	return true
+}
+
+// refuseTaken refuses an authentication whose client id another client of
+// the organization holds (a portal claiming an agent's id, or one agent
+// another's): the holder is not pushed out.
+func (c *conn) refuseTaken(id *identity, reply *wire.Envelope) {
+	s := c.srv
+	if c.role == wire.ClientTypeAgent {
+		s.stats.Inc(stats.AuthClientFailure)
+	} else {
+		s.stats.Inc(stats.AuthPortalFailure)
+	}
+	c.logger().Warn("client id taken by another client of the organization", "client_id", id.clientID, "org", id.orgID)
+	_ = reply.SetPayload(wire.AuthResult{Accepted: false})
+	c.sendTo(reply, id.key)
+	c.close(reasonAccessDenied)
 }
 
 // unregister removes the registration of a former identity and tells the
@@ -370,7 +426,9 @@ func (c *conn) sendList(messageID string, id *identity) {
 // pushList sends a fresh list to every portal that sees org, here and on
 // the other instances.
 func (s *Server) pushList(org string) {
-	s.PushList(org)
+	if !s.shuttingDown() {
+		s.PushList(org) // this instance's portals are closing too
+	}
 	s.announceList(org)
 }
 
@@ -405,7 +463,7 @@ func (c *conn) handleRelay(env *wire.Envelope, id *identity) {
 			target = nil
 		} else if !mayReach(id, tid) {
 			s.stats.Inc(stats.CommandRelayDenied)
-			c.logger().Warn("relay to another organization denied", "to", env.To, "to_org", tid.orgID)
+			c.logger().Warn("relay denied: another organization, or not between a portal and an agent", "to", env.To, "to_org", tid.orgID)
 			c.close(reasonAccessDenied)
 			return
 		}

@@ -48,22 +48,30 @@ func (h *hub) remove(c *conn, id *identity) {
 
 // authenticated indexes c under its new identity, replacing old (c's
 // previous identity, or nil). It returns the connection the same client
-// held before in the same organization, which the caller closes.
-func (h *hub) authenticated(c *conn, old, id *identity) (replaced *conn) {
+// held before in the same organization, which the caller closes. A client
+// id held in the organization by a client of the other role, or by
+// another registered agent, is not taken over: c is not indexed and
+// taken reports it.
+func (h *hub) authenticated(c *conn, old, id *identity) (replaced *conn, taken bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if _, open := h.all[c]; !open {
-		return nil
+		return nil, false
+	}
+	for _, other := range h.byClient[id.clientID] {
+		oid := other.identity()
+		if other == c || oid == nil || oid.orgID != id.orgID {
+			continue
+		}
+		if oid.role != id.role || oid.registeredAgentID != id.registeredAgentID {
+			return nil, true
+		}
+		replaced = other
+		h.unindexLocked(other, oid)
+		break
 	}
 	if old != nil {
 		h.unindexLocked(c, old)
-	}
-	for _, other := range h.byClient[id.clientID] {
-		if oid := other.identity(); other != c && oid != nil && oid.orgID == id.orgID {
-			replaced = other
-			h.unindexLocked(other, oid)
-			break
-		}
 	}
 	h.byClient[id.clientID] = append(h.byClient[id.clientID], c)
 	if c.role == wire.ClientTypeAgent {
@@ -78,7 +86,21 @@ func (h *hub) authenticated(c *conn, old, id *identity) (replaced *conn) {
 			set[c] = struct{}{}
 		}
 	}
-	return replaced
+	return replaced, false
+}
+
+// taken reports whether the client id of id is held in its organization
+// by another connection that authenticated cannot take over.
+func (h *hub) taken(c *conn, id *identity) bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	for _, other := range h.byClient[id.clientID] {
+		if oid := other.identity(); other != c && oid != nil && oid.orgID == id.orgID &&
+			(oid.role != id.role || oid.registeredAgentID != id.registeredAgentID) {
+			return true
+		}
+	}
+	return false
 }
 
 func (h *hub) unindexLocked(c *conn, id *identity) {
@@ -170,10 +192,15 @@ func (h *hub) count() int {
 	return len(h.all)
 }
 
-// mayReach reports whether a client may send to another: the target is in
-// one of the sender's organizations, or the sender is an agent in one of
-// the target's (a portal that was granted a sub-organization).
+// mayReach reports whether a client may send to another: relays go
+// between a portal and an agent only (an agent token must not drive other
+// agents), and the target is in one of the sender's organizations, or the
+// sender is an agent in one of the target's (a portal that was granted a
+// sub-organization).
 func mayReach(from, to *identity) bool {
+	if from.role == to.role {
+		return false
+	}
 	if slices.Contains(from.orgs, to.orgID) {
 		return true
 	}

@@ -160,14 +160,14 @@ func TestSameClientID(t *testing.T) {
 	first := e.authedAgentT(t, 1, agentA1)
 	second := e.agentT(t, 2)
 	second.ClientID = first.ClientID
-	if res := e.authAgentT(t, second, agentA2); !res.Accepted {
+	if res := e.authAgentT(t, second, agentA1); !res.Accepted {
 		t.Fatal("second connection refused")
 	}
 	first.ExpectClose(websocket.CloseNormalClosure, wire.TextReplaced)
 	waitFor(t, "the first connection to end", func() bool { return e.closes("replaced") == 1 })
 
 	l := list(t, p)
-	if len(l) != 1 || l[0].ClientID != first.ClientID || l[0].MachineRegistrationID != "reg-a2" {
+	if len(l) != 1 || l[0].ClientID != first.ClientID || l[0].MachineRegistrationID != "reg-a1" {
 		t.Fatalf("list %+v, want only the second connection", l)
 	}
 	// Commands reach the second connection.
@@ -178,8 +178,27 @@ func TestSameClientID(t *testing.T) {
 	}
 	ping(t, second)
 	l = list(t, p)
-	if len(l) != 1 || l[0].MachineRegistrationID != "reg-a2" {
+	if len(l) != 1 || l[0].MachineRegistrationID != "reg-a1" {
 		t.Fatalf("list after the first closed %+v", l)
+	}
+
+	// Another agent, or a portal, claiming the id is refused, and the
+	// holder stays.
+	thief := e.agentT(t, 4)
+	thief.ClientID = first.ClientID
+	if res := e.authAgentT(t, thief, agentA2); res.Accepted {
+		t.Fatal("another agent took the client id")
+	}
+	thief.ExpectClose(websocket.ClosePolicyViolation, wire.TextAccessDenied)
+	claimer := e.portalT(t)
+	claimer.ClientID = first.ClientID
+	if res := claimer.AuthPortal(portalA, false); res.Accepted {
+		t.Fatal("a portal took an agent's client id")
+	}
+	claimer.ExpectClose(websocket.ClosePolicyViolation, wire.TextAccessDenied)
+	ping(t, second)
+	if l = list(t, p); len(l) != 1 || l[0].MachineRegistrationID != "reg-a1" {
+		t.Fatalf("list after the refused claims %+v", l)
 	}
 
 	// The same client id in another organization is another client.
@@ -194,7 +213,7 @@ func TestSameClientID(t *testing.T) {
 	if ids := listIDs(t, pb); !slices.Equal(ids, []string{first.ClientID}) {
 		t.Fatalf("portal B lists %v", ids)
 	}
-	if l := list(t, p); len(l) != 1 || l[0].MachineRegistrationID != "reg-a2" {
+	if l := list(t, p); len(l) != 1 || l[0].MachineRegistrationID != "reg-a1" {
 		t.Fatalf("portal A lists %+v", l)
 	}
 }
@@ -353,4 +372,21 @@ func content(t *testing.T, p json.RawMessage) string {
 		return buf.String()
 	}
 	return text
+}
+
+// TestRelayOnlyBetweenRoles lets an agent send a command to another agent
+// of its organization: an agent token must not drive other agents, so the
+// sender is closed and the target keeps working.
+func TestRelayOnlyBetweenRoles(t *testing.T) {
+	e := start(t)
+	a1 := e.authedAgentT(t, 1, agentA1)
+	a2 := e.authedAgentT(t, 2, agentA2)
+	a1.Send(command(a2.ClientID, nil))
+	a1.ExpectClose(websocket.ClosePolicyViolation, wire.TextAccessDenied)
+	ping(t, a2)
+	p1 := e.authedPortalT(t, portalA, false)
+	p2 := e.authedPortalT(t, portalA, false)
+	p1.Send(command(p2.ClientID, nil))
+	p1.ExpectClose(websocket.ClosePolicyViolation, wire.TextAccessDenied)
+	ping(t, p2)
 }

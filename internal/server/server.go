@@ -74,6 +74,11 @@ type Server struct {
 	// calls.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// authCtx ends when shutdown starts, so that no connection waits on
+	// the controller then; ctx (registry and bus calls) ends after the
+	// connections have been unregistered.
+	authCtx    context.Context
+	authCancel context.CancelFunc
 
 	hub     hub
 	pending pendingControls
@@ -123,6 +128,7 @@ func New(cfg *config.Config, d Deps) (*Server, error) {
 		return nil, fmt.Errorf("server: certificates: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	authCtx, authCancel := context.WithCancel(ctx)
 	s := &Server{
 		cfg:        cfg,
 		key:        d.Key,
@@ -139,6 +145,8 @@ func New(cfg *config.Config, d Deps) (*Server, error) {
 		now:        d.Now,
 		metrics:    d.Metrics,
 		ctx:        ctx,
+		authCtx:    authCtx,
+		authCancel: authCancel,
 		cancel:     cancel,
 		shutdown:   make(chan struct{}),
 	}
@@ -268,7 +276,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 
 	// Pending controller calls end now, so no connection waits on one.
-	s.cancel()
+	s.authCancel()
+	defer s.cancel()
 	httpDone := make(chan error, 1)
 	go func() { httpDone <- s.http.Shutdown(ctx) }()
 
@@ -291,6 +300,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = fmt.Errorf("shutdown http: %w", herr)
 	}
 	return err
+}
+
+// shuttingDown reports whether Shutdown has started.
+func (s *Server) shuttingDown() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
 }
 
 // pingLoop sends every connection a WebSocket ping each interval.
