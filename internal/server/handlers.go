@@ -5,6 +5,8 @@ import (
 	"crypto/rsa"
 	"errors"
 	"slices"
+	"strings"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -403,19 +405,34 @@ func (c *conn) handleList(env *wire.Envelope, id *identity) {
 
 // sendList sends the portal the agents of its organizations.
 func (c *conn) sendList(messageID string, id *identity) {
+	list, err := c.srv.agentList(id.orgs)
+	c.sendListResult(messageID, id, list, err)
+}
+
+// agentList lists the agents of the organizations, as a list answer
+// carries them.
+func (s *Server) agentList(orgs []string) ([]wire.ClientRegistration, error) {
+	agents, err := s.reg.Agents(s.ctx, orgs)
+	if err != nil {
+		return nil, err
+	}
+	list := make([]wire.ClientRegistration, 0, len(agents))
+	for _, a := range agents {
+		list = append(list, a.Registration())
+	}
+	return list, nil
+}
+
+// sendListResult sends a list answer, or its failure.
+func (c *conn) sendListResult(messageID string, id *identity, list []wire.ClientRegistration, err error) {
 	s := c.srv
 	reply := &wire.Envelope{From: s.cfg.InstanceID, To: id.clientID, Type: wire.TypeList, MessageID: messageID}
-	agents, err := s.reg.Agents(s.ctx, id.orgs)
 	if err != nil {
 		s.stats.Inc(stats.ListFailure)
 		c.logger().Warn("listing agents failed", "err", err)
 		reply.ErrorMessage = wire.TextRegistryUnavailable
 		c.send(reply)
 		return
-	}
-	list := make([]wire.ClientRegistration, 0, len(agents))
-	for _, a := range agents {
-		list = append(list, a.Registration())
 	}
 	_ = reply.SetPayload(list)
 	if c.send(reply) {
@@ -432,12 +449,56 @@ func (s *Server) pushList(org string) {
 	s.announceList(org)
 }
 
-// PushList sends a fresh list to every portal of this instance that sees
-// org.
+// listPushDelay gathers the list pushes of an organization: when many of
+// its agents come or go at once (a restart, a network blip) its portals
+// get one fresh list, not one per agent.
+const listPushDelay = 100 * time.Millisecond
+
+// PushList sends, shortly, a fresh list to every portal of this instance
+// that sees org.
 func (s *Server) PushList(org string) {
+	s.listMu.Lock()
+	defer s.listMu.Unlock()
+	if s.listDue[org] {
+		return // a push is already on its way and will see this change
+	}
+	s.listDue[org] = true
+	time.AfterFunc(listPushDelay, func() {
+		s.listMu.Lock()
+		delete(s.listDue, org)
+		s.listMu.Unlock()
+		s.pushListNow(org)
+	})
+}
+
+// pushListNow sends the lists, asking the registry once for each set of
+// organizations the portals see.
+func (s *Server) pushListNow(org string) {
+	if s.shuttingDown() {
+		return
+	}
+	type group struct {
+		id      *identity
+		portals []*conn
+	}
+	groups := map[string]*group{}
 	for _, p := range s.hub.portalsOf(org) {
-		if id := p.identity(); id != nil {
-			p.sendList(uuid.NewString(), id)
+		id := p.identity()
+		if id == nil {
+			continue
+		}
+		k := strings.Join(id.orgs, "\x00")
+		if groups[k] == nil {
+			groups[k] = &group{id: id}
+		}
+		groups[k].portals = append(groups[k].portals, p)
+	}
+	for _, g := range groups {
+		list, err := s.agentList(g.id.orgs)
+		for _, p := range g.portals {
+			if id := p.identity(); id != nil {
+				p.sendListResult(uuid.NewString(), id, list, err)
+			}
 		}
 	}
 }
@@ -507,6 +568,12 @@ func (c *conn) handleControl(env *wire.Envelope, id *identity) {
 				return
 			}
 			p <- controlAnswer{res: res}
+			return
+		}
+		if env.To == s.cfg.InstanceID {
+			// An answer to this instance that nobody waits for any more.
+			s.stats.Inc(stats.MessagesIgnored)
+			c.logger().Info("control answer after its request timed out, or to no request", "message_id", env.MessageID)
 			return
 		}
 	}

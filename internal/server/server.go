@@ -80,6 +80,9 @@ type Server struct {
 	authCtx    context.Context
 	authCancel context.CancelFunc
 
+	listMu  sync.Mutex
+	listDue map[string]bool // organizations with a list push on its way
+
 	hub     hub
 	pending pendingControls
 	readers sync.WaitGroup // one per open connection
@@ -147,6 +150,7 @@ func New(cfg *config.Config, d Deps) (*Server, error) {
 		ctx:        ctx,
 		authCtx:    authCtx,
 		authCancel: authCancel,
+		listDue:    map[string]bool{},
 		cancel:     cancel,
 		shutdown:   make(chan struct{}),
 	}
