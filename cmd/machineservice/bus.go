@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -98,6 +99,10 @@ func redactURLs(list string) string {
 // deployments whose instances carry no secrets.
 func controllerCommand(args []string, stderr io.Writer) error {
 	cfg, err := config.LoadController(args, os.Getenv)
+	if errors.Is(err, config.ErrHelp) {
+		fmt.Fprint(stderr, "usage: machineservice controller [--tokens FILE] [--nats URL] [--dev]\n\nEvery setting is also read from its environment variable; see machineservice env.\n")
+		return nil
+	}
 	if err != nil {
 		return err
 	}

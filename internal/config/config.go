@@ -206,6 +206,19 @@ func Settings() []Setting {
 // Load reads the settings: defaults, then the environment, then flags in
 // args. It validates the result.
 func Load(args []string, getenv func(string) string) (*Config, error) {
+	c, err := parse("serve", args, getenv, func(s Setting) bool { return s.Flag != "" })
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// parse reads the defaults, then the environment, then the flags that
+// hasFlag picks, and fills the machine-dependent defaults.
+func parse(name string, args []string, getenv func(string) string, hasFlag func(Setting) bool) (*Config, error) {
 	c := &Config{}
 	settings := Settings()
 	for _, s := range settings {
@@ -220,13 +233,12 @@ func Load(args []string, getenv func(string) string) (*Config, error) {
 			}
 		}
 	}
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	for _, s := range settings {
-		if s.Flag == "" {
-			continue
+		if s.Flag != "" && hasFlag(s) {
+			fs.Var(&flagValue{c: c, s: s}, s.Flag, s.Help)
 		}
-		fs.Var(&flagValue{c: c, s: s}, s.Flag, s.Help)
 	}
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil, ErrHelp
@@ -237,9 +249,6 @@ func Load(args []string, getenv func(string) string) (*Config, error) {
 		return nil, fmt.Errorf("%w: unexpected argument %q", ErrUsage, fs.Arg(0))
 	}
 	if err := c.complete(); err != nil {
-		return nil, err
-	}
-	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	return c, nil

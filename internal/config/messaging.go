@@ -2,9 +2,7 @@ package config
 
 import (
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"net/url"
 	"strings"
 )
@@ -68,34 +66,8 @@ var controllerFlags = map[string]bool{"dev": true, "tokens": true, "nats": true}
 // then the flags --dev, --tokens and --nats. Only the settings it uses
 // are validated: a bus and a token source are required.
 func LoadController(args []string, getenv func(string) string) (*Config, error) {
-	c := &Config{}
-	settings := Settings()
-	for _, s := range settings {
-		if err := s.set(c, s.Default); err != nil {
-			return nil, fmt.Errorf("default of %s: %w", s.Env, err)
-		}
-	}
-	for _, s := range settings {
-		if v, ok := lookup(getenv, s.Env); ok {
-			if err := s.set(c, v); err != nil {
-				return nil, fmt.Errorf("%w: %s=%q: %v", ErrUsage, s.Env, v, err)
-			}
-		}
-	}
-	fs := flag.NewFlagSet("controller", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	for _, s := range settings {
-		if controllerFlags[s.Flag] {
-			fs.Var(&flagValue{c: c, s: s}, s.Flag, s.Help)
-		}
-	}
-	if err := fs.Parse(args); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("%w: unexpected argument %q", ErrUsage, fs.Arg(0))
-	}
-	if err := c.complete(); err != nil {
+	c, err := parse("controller", args, getenv, func(s Setting) bool { return controllerFlags[s.Flag] })
+	if err != nil {
 		return nil, err
 	}
 	errs := c.validateMessaging()
