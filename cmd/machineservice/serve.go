@@ -183,7 +183,9 @@ func serve(args []string, stdout, stderr io.Writer) error {
 }
 
 // serverKey returns the configured key or, in development mode, the key
-// kept in the development key file (generated the first time).
+// kept in the development key file: generated the first time, and again
+// once the expiry announced for it (its file's time plus devKeyLifetime)
+// has passed, since agents refuse an expired key.
 func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time, time.Time, error) {
 	if cfg.PrivateKey != "" {
 		key, err := wire.ParsePrivateKey(cfg.PrivateKey)
@@ -197,30 +199,44 @@ func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time
 		return key, time.Now(), expires, nil
 	}
 	path := cfg.DevKeyFile
-	if data, err := os.ReadFile(path); err == nil {
-		key, err := wire.ParsePrivateKey(string(data))
-		if err != nil {
-			return nil, time.Time{}, time.Time{}, fmt.Errorf("%w: development key file %s (ENVIRONMENT__DEVELOPMENTKEYFILE): %v", config.ErrUsage, path, err)
-		}
-		obtained := time.Now()
-		if fi, err := os.Stat(path); err == nil {
-			obtained = fi.ModTime()
-		}
-		expires := cfg.KeyExpires
-		if expires.IsZero() {
-			expires = obtained.Add(devKeyLifetime)
-		}
-		log.Info("using the development key", "file", path, "expires", expires.Format(time.RFC3339))
-		return key, obtained, expires, nil
-	} else if !errors.Is(err, os.ErrNotExist) {
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return generateDevKey(cfg, log, "generated a development key")
+	case err != nil:
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("read development key file: %w", err)
 	}
+	key, err := wire.ParsePrivateKey(string(data))
+	if err != nil {
+		return nil, time.Time{}, time.Time{}, fmt.Errorf("%w: development key file %s (ENVIRONMENT__DEVELOPMENTKEYFILE): %v", config.ErrUsage, path, err)
+	}
+	obtained := time.Now()
+	if fi, err := os.Stat(path); err == nil {
+		obtained = fi.ModTime()
+	}
+	expires := cfg.KeyExpires
+	if expires.IsZero() {
+		expires = obtained.Add(devKeyLifetime)
+		if !expires.After(time.Now()) {
+			// A configured expiry is kept: a new key would get it too.
+			log.Info("the development key has expired", "file", path, "expired", expires.Format(time.RFC3339))
+			return generateDevKey(cfg, log, "generated a new development key")
+		}
+	}
+	log.Info("using the development key", "file", path, "expires", expires.Format(time.RFC3339))
+	return key, obtained, expires, nil
+}
+
+// generateDevKey makes a development key and writes it to the development
+// key file, replacing any file there at once so that a server starting
+// beside this one reads either the old key or the new one.
+func generateDevKey(cfg *config.Config, log *slog.Logger, msg string) (*rsa.PrivateKey, time.Time, time.Time, error) {
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("generate development key: %w", err)
 	}
-	// A new file gets mode 0600.
-	if err := writeFileAtomic(path, wire.EncodePrivateKey(key)); err != nil {
+	// A new file gets mode 0600, a replaced one keeps its mode.
+	if err := writeFileAtomic(cfg.DevKeyFile, wire.EncodePrivateKey(key)); err != nil {
 		return nil, time.Time{}, time.Time{}, fmt.Errorf("write development key file (ENVIRONMENT__DEVELOPMENTKEYFILE): %w", err)
 	}
 	now := time.Now()
@@ -228,7 +244,7 @@ func serverKey(cfg *config.Config, log *slog.Logger) (*rsa.PrivateKey, time.Time
 	if expires.IsZero() {
 		expires = now.Add(devKeyLifetime)
 	}
-	log.Info("generated a development key", "file", path, "expires", expires.Format(time.RFC3339))
+	log.Info(msg, "file", cfg.DevKeyFile, "key_hash", wire.PublicKeyHash(&key.PublicKey), "expires", expires.Format(time.RFC3339))
 	return key, now, expires, nil
 }
 

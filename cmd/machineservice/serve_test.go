@@ -569,3 +569,63 @@ func TestEnvCommand(t *testing.T) {
 		t.Errorf("version: exit status %d, output %q", code, stdout)
 	}
 }
+
+// TestServeDevRenewsExpiredKey starts the server on a development key file
+// whose announced expiry has passed: it must make and announce a new key
+// rather than one that agents refuse.
+func TestServeDevRenewsExpiredKey(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "k.pem")
+	old, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, wire.EncodePrivateKey(old), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	oldHash := wire.PublicKeyHash(&old.PublicKey)
+	stale := time.Now().Add(-91 * 24 * time.Hour)
+	if err := os.Chtimes(keyFile, stale, stale); err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	c := startChild(t, dir, childEnv(), "serve", "--dev", "--listen", addr, "--tokens", examplesTokens(t), "--dev-key-file", keyFile)
+	c.waitHealthy(addr)
+
+	cert := certificates(t, addr)[0]
+	if cert.PublicKeyHash == oldHash {
+		t.Errorf("/certificates announces the expired key %q", oldHash)
+	}
+	if !cert.Expiry.After(time.Now().Add(80 * 24 * time.Hour)) {
+		t.Errorf("/certificates expiry %v, want about 90 days ahead", cert.Expiry)
+	}
+	if got := keyFileHash(t, keyFile); got != cert.PublicKeyHash {
+		t.Errorf("the key file holds %q, the server announces %q", got, cert.PublicKeyHash)
+	}
+	if fi, err := os.Stat(keyFile); err != nil {
+		t.Fatal(err)
+	} else if mode := fi.Mode().Perm(); mode != 0o640 {
+		t.Errorf("the replaced key file has mode %v, want the old file's 0640", mode)
+	}
+	// The control socket is off (isolatedSettings): only the key is left.
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || entries[0].Name() != "k.pem" {
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("files in the working directory: %v, want only k.pem", names)
+	}
+	for _, want := range []string{"the development key has expired", "generated a new development key"} {
+		if !strings.Contains(c.stderr.String(), want) {
+			t.Errorf("stderr does not say %q:\n%s", want, c.stderr.String())
+		}
+	}
+	c.signal(syscall.SIGTERM)
+	if code := c.exitCode(exitTimeout); code != 0 {
+		t.Errorf("exit status after SIGTERM %d, want 0", code)
+	}
+}

@@ -8,8 +8,9 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// rateKey groups client addresses for the rate limit: an IPv4 address on
-// its own, IPv6 by /64, the smallest network one subscriber is given.
+// rateKey groups client addresses for the rate limit and the per-address
+// connection cap: an IPv4 address on its own, IPv6 by /64, the smallest
+// network one subscriber is given and can pick addresses from at will.
 func rateKey(a netip.Addr) netip.Prefix {
 	if !a.IsValid() {
 		return netip.Prefix{}
@@ -78,42 +79,48 @@ func (l *limiters) allow(a netip.Addr) bool {
 }
 
 // connCounter counts the open WebSocket connections, in total and per
-// client address, against their caps (0: none).
+// client address group (rateKey), against their caps (0: none).
 type connCounter struct {
 	max, maxPerAddr int
 
 	mu      sync.Mutex
 	total   int
-	perAddr map[netip.Addr]int
+	perAddr map[netip.Addr]int // by connKey
 }
+
+// connKey is the key of a's group in connCounter.perAddr: the first
+// address of its rateKey prefix.
+func connKey(a netip.Addr) netip.Addr { return rateKey(a).Addr() }
 
 // acquire takes a place for a connection from a. It returns the rule that
 // refused it, or a release function that gives the place back; release
 // may be called more than once.
 func (c *connCounter) acquire(a netip.Addr) (release func(), refused string) {
+	k := connKey(a)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.max > 0 && c.total >= c.max {
 		return nil, ruleMaxConnections
 	}
-	if c.maxPerAddr > 0 && c.perAddr[a] >= c.maxPerAddr {
+	if c.maxPerAddr > 0 && c.perAddr[k] >= c.maxPerAddr {
 		return nil, ruleMaxConnectionsPerIP
 	}
 	c.total++
-	c.perAddr[a]++
+	c.perAddr[k]++
 	return sync.OnceFunc(func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		c.total--
-		if c.perAddr[a]--; c.perAddr[a] <= 0 {
-			delete(c.perAddr, a)
+		if c.perAddr[k]--; c.perAddr[k] <= 0 {
+			delete(c.perAddr, k)
 		}
 	}), ""
 }
 
-// open returns the connections counted, in total and from a.
+// open returns the connections counted, in total and from a's group.
 func (c *connCounter) open(a netip.Addr) (total, fromAddr int) {
+	k := connKey(a)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.total, c.perAddr[a]
+	return c.total, c.perAddr[k]
 }

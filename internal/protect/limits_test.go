@@ -93,3 +93,31 @@ func TestConnCounterRelease(t *testing.T) {
 		t.Fatalf("after release: total %d, from a %d", total, fromA)
 	}
 }
+
+func TestConnCounterGroupsIPv6By64(t *testing.T) {
+	c := &connCounter{maxPerAddr: 1, perAddr: map[netip.Addr]int{}}
+	a, b := netip.MustParseAddr("2001:db8:1:2::1"), netip.MustParseAddr("2001:db8:1:2:ffff::9")
+	ra, refused := c.acquire(a)
+	if refused != "" {
+		t.Fatal(refused)
+	}
+	if _, refused := c.acquire(b); refused != ruleMaxConnectionsPerIP {
+		t.Fatalf("a second address of the /64: %q, want %q", refused, ruleMaxConnectionsPerIP)
+	}
+	if _, fromB := c.open(b); fromB != 1 {
+		t.Fatalf("open from b's /64 = %d, want 1", fromB)
+	}
+	if _, refused := c.acquire(netip.MustParseAddr("2001:db8:1:3::1")); refused != "" {
+		t.Fatalf("another /64: %q", refused)
+	}
+	if _, refused := c.acquire(netip.MustParseAddr("192.0.2.1")); refused != "" {
+		t.Fatalf("an IPv4 address: %q", refused)
+	}
+	if _, refused := c.acquire(netip.MustParseAddr("192.0.2.2")); refused != "" {
+		t.Fatalf("the next IPv4 address: %q", refused)
+	}
+	ra()
+	if _, refused := c.acquire(b); refused != "" {
+		t.Fatalf("b after a left: %q", refused)
+	}
+}

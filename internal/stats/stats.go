@@ -191,13 +191,21 @@ func (s *Stats) totals() Snapshot {
 // Exporter receives the counters each export interval.
 type Exporter func(ctx context.Context, at time.Time, counters map[string]int64) error
 
+// finalExportTimeout bounds the export Run makes when its context ends.
+const finalExportTimeout = 5 * time.Second
+
 // Run logs a status report every statusEvery and exports (then resets)
 // the counters every exportEvery, until ctx ends. A zero interval disables
 // that task. A failed export is logged and its counts are kept for the
-// next one.
+// next one. When ctx ends and exports are on, Run exports once more, with
+// a context of its own bounded by finalExportTimeout, so that a restart
+// does not lose the counts of the interval it cuts short.
 func (s *Stats) Run(ctx context.Context, log *slog.Logger, statusEvery, exportEvery time.Duration, export Exporter) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if export == nil {
+		export = logExporter(log)
 	}
 	status := tick(statusEvery)
 	exports := tick(exportEvery)
@@ -206,6 +214,9 @@ func (s *Stats) Run(ctx context.Context, log *slog.Logger, statusEvery, exportEv
 	for {
 		select {
 		case <-ctx.Done():
+			if exportEvery > 0 {
+				s.finalExport(ctx, log, export)
+			}
 			return
 		case <-status.C:
 			t := s.totals()
@@ -217,9 +228,6 @@ func (s *Stats) Run(ctx context.Context, log *slog.Logger, statusEvery, exportEv
 				"uptime", t.Uptime.String())
 		case at := <-exports.C:
 			counters := s.Export()
-			if export == nil {
-				export = logExporter(log)
-			}
 			if err := export(ctx, at, counters); err != nil {
 				log.Warn("statistics export failed; counts kept for the next export", "err", err)
 				for c := Counter(0); c < numCounters; c++ {
@@ -230,22 +238,41 @@ func (s *Stats) Run(ctx context.Context, log *slog.Logger, statusEvery, exportEv
 	}
 }
 
+// finalExport exports what was counted since the last export. ctx has
+// ended already, so the export gets a context of its own that keeps
+// ctx's values. Should it fail, the counts go to the log, the last place
+// left for them.
+func (s *Stats) finalExport(ctx context.Context, log *slog.Logger, export Exporter) {
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalExportTimeout)
+	defer cancel()
+	counters := s.Export()
+	if err := export(fctx, time.Now(), counters); err != nil {
+		log.Warn("final statistics export failed", append([]any{"err", err}, nonZero(counters)...)...)
+	}
+}
+
 func logExporter(log *slog.Logger) Exporter {
 	return func(_ context.Context, _ time.Time, counters map[string]int64) error {
-		names := make([]string, 0, len(counters))
-		for k, v := range counters {
-			if v != 0 {
-				names = append(names, k)
-			}
-		}
-		sort.Strings(names)
-		attrs := make([]any, 0, 2*len(names))
-		for _, n := range names {
-			attrs = append(attrs, n, counters[n])
-		}
-		log.Info("statistics", attrs...)
+		log.Info("statistics", nonZero(counters)...)
 		return nil
 	}
+}
+
+// nonZero returns the counters that are not zero as log attributes, by
+// name.
+func nonZero(counters map[string]int64) []any {
+	names := make([]string, 0, len(counters))
+	for k, v := range counters {
+		if v != 0 {
+			names = append(names, k)
+		}
+	}
+	sort.Strings(names)
+	attrs := make([]any, 0, 2*len(names))
+	for _, n := range names {
+		attrs = append(attrs, n, counters[n])
+	}
+	return attrs
 }
 
 type ticker struct {

@@ -393,3 +393,76 @@ func TestRunDefaultExporterLogs(t *testing.T) {
 		t.Error("the logged export did not reset the counter")
 	}
 }
+
+// finalCall is what an exporter saw of one call.
+type finalCall struct {
+	counters    map[string]int64
+	ctxErr      error // the context's error during the call
+	hasDeadline bool
+	deadline    time.Time
+}
+
+func TestRunFinalExport(t *testing.T) {
+	s := stats.New()
+	s.Inc(stats.AuthClientSuccess)
+	s.Inc(stats.AuthClientSuccess)
+	calls := make(chan finalCall, 10)
+	// The interval is far longer than the test: only the final export runs.
+	stop := run(t, s, slog.New(slog.DiscardHandler), 0, time.Hour, func(ctx context.Context, _ time.Time, counters map[string]int64) error {
+		d, ok := ctx.Deadline()
+		calls <- finalCall{counters, ctx.Err(), ok, d}
+		return nil
+	})
+	s.Inc(stats.CommandRelaySuccess)
+	stopped := time.Now()
+	stop()
+
+	c := receive(t, calls, "final export")
+	if c.counters["AuthClientSuccess"] != 2 || c.counters["CommandRelaySuccess"] != 1 {
+		t.Errorf("final export = %v, want AuthClientSuccess 2, CommandRelaySuccess 1", c.counters)
+	}
+	if c.ctxErr != nil {
+		t.Errorf("the final export's context had ended: %v", c.ctxErr)
+	}
+	if !c.hasDeadline || c.deadline.After(stopped.Add(time.Minute)) {
+		t.Errorf("the final export's context has deadline %v (set: %v), want one within a minute", c.deadline, c.hasDeadline)
+	}
+	if s.Get(stats.AuthClientSuccess) != 0 {
+		t.Error("the final export did not reset the counters")
+	}
+	select {
+	case c := <-calls:
+		t.Errorf("a second export after the end: %v", c.counters)
+	default:
+	}
+}
+
+func TestRunFinalExportFailureLogsCounts(t *testing.T) {
+	s := stats.New()
+	s.Inc(stats.ListFailure)
+	logs := &syncBuffer{}
+	stop := run(t, s, slog.New(slog.NewTextHandler(logs, nil)), 0, time.Hour, func(context.Context, time.Time, map[string]int64) error {
+		return errors.New("store unavailable")
+	})
+	stop()
+	out := logs.String()
+	for _, want := range []string{"final statistics export failed", "store unavailable", "ListFailure=1"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log does not contain %q: %q", want, out)
+		}
+	}
+}
+
+func TestRunNoFinalExportWhenExportsAreOff(t *testing.T) {
+	s := stats.New()
+	s.Inc(stats.ListFailure)
+	logs := &syncBuffer{}
+	stop := run(t, s, slog.New(slog.NewTextHandler(logs, nil)), time.Hour, 0, nil)
+	stop()
+	if out := logs.String(); strings.Contains(out, "statistics") {
+		t.Errorf("an export ran although its interval is 0: %q", out)
+	}
+	if s.Get(stats.ListFailure) != 1 {
+		t.Error("the counters were reset although exports are off")
+	}
+}
