@@ -17,9 +17,13 @@
 // and host of the URL are not sent: with Transport(""), the host names
 // the agent instead.
 //
-// A Client is one connection; it is safe for concurrent use. When the
-// connection drops, every call fails with an error wrapping ErrClosed, and
-// a new Client has to be dialled. The library never logs.
+// A Client is one connection; it is safe for concurrent use. The server
+// pings every minute (ENVIRONMENT__PINGINTERVALSECONDS); when nothing at
+// all arrives for Config.IdleTimeout, the connection is taken for dead and
+// closed, so a network path that fails silently is noticed. When the
+// connection ends, for that or any other reason, every waiting and later
+// call fails with an error wrapping ErrClosed, Updates is closed, and a new
+// Client has to be dialled. The library never logs.
 package portal
 
 import (
@@ -28,6 +32,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -45,6 +50,8 @@ const (
 	DefaultRequestTimeout   = 60 * time.Second
 	DefaultHandshakeTimeout = 30 * time.Second
 	DefaultWriteTimeout     = 10 * time.Second
+	// DefaultIdleTimeout is twice the server's default ping interval.
+	DefaultIdleTimeout = 120 * time.Second
 	// DefaultMaxMessageSize is the server's default limit on one message.
 	DefaultMaxMessageSize = 1 << 20
 	// DefaultClientVersion is sent as the client version.
@@ -73,6 +80,12 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// WriteTimeout bounds one write. Default 10 s.
 	WriteTimeout time.Duration
+	// IdleTimeout is how long the connection may stay silent before it
+	// is taken for dead and closed. Every frame counts, the server's
+	// pings too, so about twice the server's ping interval (its
+	// ENVIRONMENT__PINGINTERVALSECONDS, 60 s by default) is right.
+	// Default 120 s.
+	IdleTimeout time.Duration
 	// MaxMessageSize is the largest message the server accepts (its
 	// ENVIRONMENT__MAXMESSAGESIZE); a larger request fails with
 	// ErrRequestTooLarge before it is sent. Default 1 MiB.
@@ -127,6 +140,9 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = DefaultWriteTimeout
 	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
 	if cfg.MaxMessageSize <= 0 {
 		cfg.MaxMessageSize = DefaultMaxMessageSize
 	}
@@ -170,7 +186,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		}
 		return nil, err
 	}
-	_ = ws.SetReadDeadline(time.Time{}) // the server pings; silence is fine
+	c.keepalive()
 	go c.readLoop()
 	return c, nil
 }
@@ -203,7 +219,7 @@ func endpoint(server string) (string, error) {
 
 func (c *Client) handshake() error {
 	_ = c.ws.SetReadDeadline(time.Now().Add(c.cfg.HandshakeTimeout)) // an error shows on the read
-	welcome, err := c.readEnvelope()
+	welcome, err := c.readEnvelope(false)
 	if err != nil {
 		return fmt.Errorf("portal: read welcome: %w", err)
 	}
@@ -223,7 +239,7 @@ func (c *Client) handshake() error {
 		return fmt.Errorf("portal: send authportal: %w", err)
 	}
 	for {
-		ans, err := c.readEnvelope()
+		ans, err := c.readEnvelope(false)
 		if err != nil {
 			var ce *websocket.CloseError
 			if errors.As(err, &ce) && ce.Text == wire.TextAuthenticationFailed {
@@ -249,12 +265,41 @@ func (c *Client) handshake() error {
 	}
 }
 
-// readEnvelope reads the next text frame as a plain envelope.
-func (c *Client) readEnvelope() (wire.Envelope, error) {
+// keepalive arms the idle timer for the read loop: the read deadline is
+// pushed back by every frame, pings and pongs included. It runs before
+// the read loop starts, as the handlers may not change under a read.
+func (c *Client) keepalive() {
+	ws := c.ws
+	ws.SetPingHandler(func(data string) error {
+		c.touch()
+		err := ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(c.cfg.WriteTimeout))
+		var ne net.Error
+		if err == nil || errors.Is(err, websocket.ErrCloseSent) || (errors.As(err, &ne) && ne.Timeout()) {
+			return nil // a missed pong is not fatal; the server pings again
+		}
+		return err
+	})
+	ws.SetPongHandler(func(string) error { c.touch(); return nil })
+	c.touch()
+}
+
+// touch restarts the idle timer. It runs on the read loop's goroutine
+// only (the ping and pong handlers run inside its reads).
+func (c *Client) touch() {
+	// An error means the connection is gone, which the next read reports.
+	_ = c.ws.SetReadDeadline(time.Now().Add(c.cfg.IdleTimeout))
+}
+
+// readEnvelope reads the next text frame as a plain envelope; live says
+// that each frame restarts the idle timer.
+func (c *Client) readEnvelope(live bool) (wire.Envelope, error) {
 	for {
 		mt, data, err := c.ws.ReadMessage()
 		if err != nil {
 			return wire.Envelope{}, err
+		}
+		if live {
+			c.touch()
 		}
 		if mt != websocket.TextMessage {
 			continue // the protocol has text frames only
@@ -290,7 +335,7 @@ func (c *Client) readLoop() {
 	var err error
 	for {
 		var env wire.Envelope
-		env, err = c.readEnvelope()
+		env, err = c.readEnvelope(true)
 		if err != nil {
 			break
 		}
@@ -336,12 +381,15 @@ func (c *Client) push(list []Agent) {
 func (c *Client) finish(err error) {
 	c.mu.Lock()
 	var ce *websocket.CloseError
+	var ne net.Error
 	switch {
 	case c.err != nil:
 	case c.warning != "":
 		c.err = fmt.Errorf("%w: server warning %q: %v", ErrClosed, c.warning, err)
 	case errors.As(err, &ce):
 		c.err = fmt.Errorf("%w by the server: %d %s", ErrClosed, ce.Code, ce.Text)
+	case errors.As(err, &ne) && ne.Timeout():
+		c.err = &idleError{after: c.cfg.IdleTimeout}
 	default:
 		c.err = fmt.Errorf("%w: %v", ErrClosed, err)
 	}
@@ -368,8 +416,9 @@ func (c *Client) ClientID() string { return c.cfg.ClientID }
 
 // Updates delivers the lists the server pushes when an agent of the
 // organization connects or leaves. Only the newest unread list is kept.
-// The channel is closed when the connection ends. It is shared: use one
-// reader.
+// The channel is closed when the connection ends, whether it was closed
+// or found dead after Config.IdleTimeout of silence; Err then says why.
+// It is shared: use one reader.
 func (c *Client) Updates() <-chan []Agent { return c.updates }
 
 // Close says goodbye with a close frame and waits briefly for the
