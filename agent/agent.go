@@ -10,8 +10,11 @@
 // its own, sends every message as a JWE to the server key and reads JWEs
 // to its own key. It pings every minute and drops the connection when
 // nothing has arrived for two minutes. After any drop it reconnects with
-// jittered exponential backoff. A renewed token from the server is used
-// from the next connection on and handed to Config.OnToken to be stored.
+// jittered exponential backoff; so it does after an authentication the
+// server could not check because its controller was unavailable
+// (ErrAuthUnavailable), which says nothing against the token. A renewed
+// token from the server is used from the next connection on and handed to
+// Config.OnToken to be stored.
 //
 // The library never logs: it reports through Config.OnState and returns
 // errors.

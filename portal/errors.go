@@ -15,6 +15,11 @@ var (
 	ErrInvalidConfig = errors.New("portal: invalid configuration")
 	// ErrAuthRejected means the server refused the token.
 	ErrAuthRejected = errors.New("portal: authentication refused by the server")
+	// ErrAuthUnavailable means the server could not check the token
+	// because its authentication service (the controller) did not
+	// answer; it closed with 1013, "Authentication service unavailable".
+	// The token may be good: try again later.
+	ErrAuthUnavailable = errors.New("portal: authentication service unavailable")
 	// ErrProtocol means the server sent something the client does not
 	// expect.
 	ErrProtocol = errors.New("portal: protocol violation")

@@ -116,7 +116,9 @@ type Client struct {
 }
 
 // Dial connects to the server and authenticates. It returns an error
-// wrapping ErrAuthRejected when the token is refused.
+// wrapping ErrAuthRejected when the token is refused, and one wrapping
+// ErrAuthUnavailable when the server could not have it checked (its
+// controller did not answer); that one is worth retrying later.
 func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	wsURL, err := endpoint(cfg.Server)
 	if err != nil {
@@ -181,7 +183,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	if err != nil {
 		_ = ws.Close() // the handshake failed; nothing more to say
-		if hctx.Err() != nil && !errors.Is(err, ErrAuthRejected) {
+		if hctx.Err() != nil && !errors.Is(err, ErrAuthRejected) && !errors.Is(err, ErrAuthUnavailable) {
 			err = fmt.Errorf("portal: connect %s: %w", cfg.Server, hctx.Err())
 		}
 		return nil, err
@@ -241,9 +243,8 @@ func (c *Client) handshake() error {
 	for {
 		ans, err := c.readEnvelope(false)
 		if err != nil {
-			var ce *websocket.CloseError
-			if errors.As(err, &ce) && ce.Text == wire.TextAuthenticationFailed {
-				return fmt.Errorf("%w: %v", ErrAuthRejected, err)
+			if refused := closeRefusal(err); refused != nil {
+				return refused
 			}
 			return fmt.Errorf("portal: read auth answer: %w", err)
 		}
@@ -259,10 +260,48 @@ func (c *Client) handshake() error {
 			return fmt.Errorf("%w: auth answer: %v", ErrProtocol, err)
 		}
 		if !r.Accepted {
-			return ErrAuthRejected
+			return c.refusal()
 		}
 		return nil
 	}
+}
+
+// authCloseWait bounds the wait for the close frame that follows a
+// refused authentication and says why it was refused.
+const authCloseWait = 2 * time.Second
+
+// refusal reads the close frame that follows accepted:false. A server
+// that says nothing more within authCloseWait is taken to have refused
+// the token.
+func (c *Client) refusal() error {
+	_ = c.ws.SetReadDeadline(time.Now().Add(authCloseWait)) // an error shows on the read
+	for {
+		if _, _, err := c.ws.ReadMessage(); err != nil {
+			if refused := closeRefusal(err); refused != nil {
+				return refused
+			}
+			return ErrAuthRejected
+		}
+		// Whatever comes before the close frame does not change the
+		// answer.
+	}
+}
+
+// closeRefusal explains a close frame that ends an authentication: 1013
+// (try again later, "Authentication service unavailable") means the
+// server could not ask its controller; "Authentication failed" means the
+// token was refused. Other errors give nil.
+func closeRefusal(err error) error {
+	var ce *websocket.CloseError
+	switch {
+	case !errors.As(err, &ce):
+		return nil
+	case ce.Code == websocket.CloseTryAgainLater:
+		return fmt.Errorf("%w: %d %s", ErrAuthUnavailable, ce.Code, ce.Text)
+	case ce.Text == wire.TextAuthenticationFailed:
+		return fmt.Errorf("%w: %d %s", ErrAuthRejected, ce.Code, ce.Text)
+	}
+	return nil
 }
 
 // keepalive arms the idle timer for the read loop: the read deadline is
