@@ -12,7 +12,9 @@
 // nothing has arrived for two minutes. After any drop it reconnects with
 // jittered exponential backoff; so it does after an authentication the
 // server could not check because its controller was unavailable
-// (ErrAuthUnavailable), which says nothing against the token. A renewed
+// (ErrAuthUnavailable), which says nothing against the token. A refused
+// token is reported as a Rejected event and retried too, in case it is
+// re-issued, but at the slowest pace from the first refusal. A renewed
 // token from the server is used from the next connection on and handed to
 // Config.OnToken to be stored.
 //
@@ -131,10 +133,16 @@ const (
 	// Connected: authenticated and serving commands.
 	Connected
 	// Disconnected: the connection or an attempt ended; the next attempt
-	// follows after RetryIn.
+	// follows after RetryIn. A refused token is reported as Rejected
+	// instead.
 	Disconnected
 	// Stopped: Run is returning.
 	Stopped
+	// Rejected: the server refused the token (Err wraps ErrAuthRejected).
+	// The agent keeps trying, as the token may be re-issued, but with the
+	// backoff at its cap (MaxBackoff, jittered) from the first refusal on:
+	// RetryIn says when.
+	Rejected
 )
 
 func (s State) String() string {
@@ -147,6 +155,8 @@ func (s State) String() string {
 		return "disconnected"
 	case Stopped:
 		return "stopped"
+	case Rejected:
+		return "rejected"
 	}
 	return fmt.Sprintf("State(%d)", int(s))
 }
@@ -154,10 +164,11 @@ func (s State) String() string {
 // Event is a state change.
 type Event struct {
 	State State
-	// Err is why the connection or attempt ended (Disconnected), or
-	// what stopped Run (Stopped).
+	// Err is why the connection or attempt ended (Disconnected,
+	// Rejected), or what stopped Run (Stopped).
 	Err error
-	// RetryIn is the wait before the next attempt (Disconnected).
+	// RetryIn is the wait before the next attempt (Disconnected,
+	// Rejected).
 	RetryIn time.Duration
 	// Attempt counts the attempts since the last lasting connection,
 	// starting at 1.
@@ -342,7 +353,11 @@ func (a *Agent) backoff(n int) time.Duration {
 	for i := 1; i < n && d < a.cfg.MaxBackoff; i++ {
 		d *= 2
 	}
-	d = min(d, a.cfg.MaxBackoff)
+	return jitter(min(d, a.cfg.MaxBackoff))
+}
+
+// jitter returns a random wait between d/2 and d.
+func jitter(d time.Duration) time.Duration {
 	half := d / 2
 	return half + time.Duration(mrand.Int64N(int64(half)+1)) //nolint:gosec // jitter needs no secrecy
 }

@@ -18,15 +18,20 @@ import (
 )
 
 // downController is the test tokens' static controller, except that
-// while down is set it fails as a controller that cannot be reached.
+// while down is set it fails as a controller that cannot be reached, and
+// while reject is set it refuses every agent token.
 type downController struct {
 	controller.Controller
-	down atomic.Bool
+	down   atomic.Bool
+	reject atomic.Bool
 }
 
 func (d *downController) ValidateAgent(ctx context.Context, token string) (controller.Agent, error) {
-	if d.down.Load() {
+	switch {
+	case d.down.Load():
 		return controller.Agent{}, fmt.Errorf("%w: the test controller is down", controller.ErrUnavailable)
+	case d.reject.Load():
+		return controller.Agent{}, fmt.Errorf("%w: the test controller refuses every token", controller.ErrRejected)
 	}
 	return d.Controller.ValidateAgent(ctx, token)
 }
@@ -124,4 +129,45 @@ func endedWith(a *servertest.Agent, target error, n int) bool {
 		}
 	}
 	return n <= 0
+}
+
+// TestAuthRejectedBacksOffAtCap: a refused token is reported as Rejected
+// and retried, but with the backoff at its cap from the first refusal on;
+// once the token is accepted again the agent connects.
+func TestAuthRejectedBacksOffAtCap(t *testing.T) {
+	const initial, maxBackoff = 10 * time.Millisecond, 400 * time.Millisecond
+	ctrl := &downController{Controller: staticController(t)}
+	ctrl.reject.Store(true)
+	base := startWithController(t, ctrl)
+	a := servertest.StartAgent(t, agent.Config{
+		Server:         base,
+		Token:          servertest.AgentToken,
+		InitialBackoff: initial,
+		MaxBackoff:     maxBackoff,
+	})
+	rejected := func() []agent.Event {
+		var out []agent.Event
+		for _, e := range a.Events() {
+			if e.State == agent.Rejected {
+				out = append(out, e)
+			}
+		}
+		return out
+	}
+	servertest.WaitFor(t, "two refusals", func() bool { return len(rejected()) >= 2 })
+	for i, e := range rejected() {
+		if !errors.Is(e.Err, agent.ErrAuthRejected) {
+			t.Fatalf("refusal %d: Err %v, want ErrAuthRejected", i+1, e.Err)
+		}
+		if e.Attempt != i+1 || e.RetryIn < maxBackoff/2 || e.RetryIn > maxBackoff {
+			t.Fatalf("refusal %d: attempt %d, retry in %s; want attempt %d and the capped backoff (%s to %s)",
+				i+1, e.Attempt, e.RetryIn, i+1, maxBackoff/2, maxBackoff)
+		}
+	}
+	if n := a.Count(agent.Disconnected); n != 0 {
+		t.Fatalf("%d Disconnected events for refusals, want them reported as Rejected", n)
+	}
+
+	ctrl.reject.Store(false) // the token is good again
+	servertest.WaitFor(t, "connected once the token is accepted", func() bool { return a.Count(agent.Connected) == 1 })
 }

@@ -55,11 +55,17 @@ func (a *Agent) Run(ctx context.Context) error {
 			failures = 0
 		}
 		failures++
-		wait := a.backoff(failures)
+		state, wait := Disconnected, a.backoff(failures)
+		if errors.Is(res.err, ErrAuthRejected) {
+			// The token may be re-issued, so the agent keeps trying;
+			// sooner than at the cap would only load the controller
+			// with a token it has refused.
+			state, wait = Rejected, jitter(a.cfg.MaxBackoff)
+		}
 		if d := time.Until(res.pauseUntil); d > wait {
 			wait = d
 		}
-		a.emit(Event{State: Disconnected, Err: res.err, RetryIn: wait, Attempt: failures, ServerKeyHash: res.keyHash})
+		a.emit(Event{State: state, Err: res.err, RetryIn: wait, Attempt: failures, ServerKeyHash: res.keyHash})
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
