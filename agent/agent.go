@@ -18,6 +18,12 @@
 // token from the server is used from the next connection on and handed to
 // Config.OnToken to be stored.
 //
+// Headers travel as one string per name: repeated values joined with ", "
+// (Cookie with "; "), except Set-Cookie, whose values may hold commas and
+// are joined with "\n", so that the portal library can split them into
+// whole cookies again (wire.FlattenHeader). Hop-by-hop headers are not
+// carried either way.
+//
 // The library never logs: it reports through Config.OnState and returns
 // errors.
 package agent
@@ -31,7 +37,6 @@ import (
 	"net/url"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"time"
 
@@ -282,27 +287,11 @@ func endpoints(server string) (wsURL, httpBase string, err error) {
 	if server == "" {
 		return "", "", fmt.Errorf("%w: Server is empty", ErrInvalidConfig)
 	}
-	u, err := url.Parse(server)
+	wsURL, httpBase, err = wire.Endpoint(server, wire.RouteAgent)
 	if err != nil {
 		return "", "", fmt.Errorf("%w: Server %q: %v", ErrInvalidConfig, server, err)
 	}
-	var wsScheme, httpScheme string
-	switch strings.ToLower(u.Scheme) {
-	case "http", "ws":
-		wsScheme, httpScheme = "ws", "http"
-	case "https", "wss":
-		wsScheme, httpScheme = "wss", "https"
-	default:
-		return "", "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	if u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-		return "", "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	path := strings.TrimSuffix(u.Path, "/")
-	path = strings.TrimSuffix(path, "/agent")
-	base := url.URL{Scheme: httpScheme, Host: u.Host, Path: path}
-	ws := url.URL{Scheme: wsScheme, Host: u.Host, Path: path + "/agent"}
-	return ws.String(), base.String(), nil
+	return wsURL, httpBase, nil
 }
 
 // ClientID is the id the agent is known by on the server.

@@ -532,7 +532,7 @@ func decodeCommand(env wire.Envelope) (*Request, *Response) {
 	req := &Request{
 		Method:    c.Method,
 		Path:      c.Path,
-		Header:    unflatten(c.Headers),
+		Header:    wire.UnflattenHeader(c.Headers),
 		From:      env.From,
 		MessageID: env.MessageID,
 		Payload:   env.Payload,
@@ -549,7 +549,7 @@ func decodeCommand(env wire.Envelope) (*Request, *Response) {
 
 func commandPayload(r *Response) wire.CommandResponse {
 	body := base64.StdEncoding.EncodeToString(r.Body)
-	return wire.CommandResponse{StatusCode: r.StatusCode, Body: &body, Headers: flatten(r.Header)}
+	return wire.CommandResponse{StatusCode: r.StatusCode, Body: &body, Headers: wire.FlattenHeader(r.Header)}
 }
 
 // answerCommand sends a command's answer back to the portal that sent it.

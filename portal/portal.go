@@ -15,7 +15,10 @@
 // The request becomes a command message (method, path and query, headers,
 // base64 body); the agent's answer becomes the *http.Response. The scheme
 // and host of the URL are not sent: with Transport(""), the host names
-// the agent instead.
+// the agent instead. Headers travel as one string per name: repeated
+// values joined with ", " (Cookie with "; "), except Set-Cookie, whose
+// values may hold commas and are joined with "\n" and split again, so
+// every cookie of the answer arrives whole (wire.FlattenHeader).
 //
 // A Client is one connection; it is safe for concurrent use. The server
 // pings every minute (ENVIRONMENT__PINGINTERVALSECONDS); when nothing at
@@ -34,7 +37,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -198,25 +200,11 @@ func endpoint(server string) (string, error) {
 	if server == "" {
 		return "", fmt.Errorf("%w: Server is empty", ErrInvalidConfig)
 	}
-	u, err := url.Parse(server)
+	wsURL, _, err := wire.Endpoint(server, wire.RoutePortal)
 	if err != nil {
 		return "", fmt.Errorf("%w: Server %q: %v", ErrInvalidConfig, server, err)
 	}
-	var scheme string
-	switch strings.ToLower(u.Scheme) {
-	case "http", "ws":
-		scheme = "ws"
-	case "https", "wss":
-		scheme = "wss"
-	default:
-		return "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	if u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-		return "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	path := strings.TrimSuffix(strings.TrimSuffix(u.Path, "/"), "/portal")
-	ws := url.URL{Scheme: scheme, Host: u.Host, Path: path + "/portal"}
-	return ws.String(), nil
+	return wsURL, nil
 }
 
 func (c *Client) handshake() error {
