@@ -10,8 +10,19 @@
 // its own, sends every message as a JWE to the server key and reads JWEs
 // to its own key. It pings every minute and drops the connection when
 // nothing has arrived for two minutes. After any drop it reconnects with
-// jittered exponential backoff. A renewed token from the server is used
-// from the next connection on and handed to Config.OnToken to be stored.
+// jittered exponential backoff; so it does after an authentication the
+// server could not check because its controller was unavailable
+// (ErrAuthUnavailable), which says nothing against the token. A refused
+// token is reported as a Rejected event and retried too, in case it is
+// re-issued, but at the slowest pace from the first refusal. A renewed
+// token from the server is used from the next connection on and handed to
+// Config.OnToken to be stored.
+//
+// Headers travel as one string per name: repeated values joined with ", "
+// (Cookie with "; "), except Set-Cookie, whose values may hold commas and
+// are joined with "\n", so that the portal library can split them into
+// whole cookies again (wire.FlattenHeader). Hop-by-hop headers are not
+// carried either way.
 //
 // The library never logs: it reports through Config.OnState and returns
 // errors.
@@ -26,7 +37,6 @@ import (
 	"net/url"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"time"
 
@@ -128,10 +138,16 @@ const (
 	// Connected: authenticated and serving commands.
 	Connected
 	// Disconnected: the connection or an attempt ended; the next attempt
-	// follows after RetryIn.
+	// follows after RetryIn. A refused token is reported as Rejected
+	// instead.
 	Disconnected
 	// Stopped: Run is returning.
 	Stopped
+	// Rejected: the server refused the token (Err wraps ErrAuthRejected).
+	// The agent keeps trying, as the token may be re-issued, but with the
+	// backoff at its cap (MaxBackoff, jittered) from the first refusal on:
+	// RetryIn says when.
+	Rejected
 )
 
 func (s State) String() string {
@@ -144,6 +160,8 @@ func (s State) String() string {
 		return "disconnected"
 	case Stopped:
 		return "stopped"
+	case Rejected:
+		return "rejected"
 	}
 	return fmt.Sprintf("State(%d)", int(s))
 }
@@ -151,10 +169,11 @@ func (s State) String() string {
 // Event is a state change.
 type Event struct {
 	State State
-	// Err is why the connection or attempt ended (Disconnected), or
-	// what stopped Run (Stopped).
+	// Err is why the connection or attempt ended (Disconnected,
+	// Rejected), or what stopped Run (Stopped).
 	Err error
-	// RetryIn is the wait before the next attempt (Disconnected).
+	// RetryIn is the wait before the next attempt (Disconnected,
+	// Rejected).
 	RetryIn time.Duration
 	// Attempt counts the attempts since the last lasting connection,
 	// starting at 1.
@@ -268,27 +287,11 @@ func endpoints(server string) (wsURL, httpBase string, err error) {
 	if server == "" {
 		return "", "", fmt.Errorf("%w: Server is empty", ErrInvalidConfig)
 	}
-	u, err := url.Parse(server)
+	wsURL, httpBase, err = wire.Endpoint(server, wire.RouteAgent)
 	if err != nil {
 		return "", "", fmt.Errorf("%w: Server %q: %v", ErrInvalidConfig, server, err)
 	}
-	var wsScheme, httpScheme string
-	switch strings.ToLower(u.Scheme) {
-	case "http", "ws":
-		wsScheme, httpScheme = "ws", "http"
-	case "https", "wss":
-		wsScheme, httpScheme = "wss", "https"
-	default:
-		return "", "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	if u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-		return "", "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	path := strings.TrimSuffix(u.Path, "/")
-	path = strings.TrimSuffix(path, "/agent")
-	base := url.URL{Scheme: httpScheme, Host: u.Host, Path: path}
-	ws := url.URL{Scheme: wsScheme, Host: u.Host, Path: path + "/agent"}
-	return ws.String(), base.String(), nil
+	return wsURL, httpBase, nil
 }
 
 // ClientID is the id the agent is known by on the server.
@@ -339,7 +342,11 @@ func (a *Agent) backoff(n int) time.Duration {
 	for i := 1; i < n && d < a.cfg.MaxBackoff; i++ {
 		d *= 2
 	}
-	d = min(d, a.cfg.MaxBackoff)
+	return jitter(min(d, a.cfg.MaxBackoff))
+}
+
+// jitter returns a random wait between d/2 and d.
+func jitter(d time.Duration) time.Duration {
 	half := d / 2
 	return half + time.Duration(mrand.Int64N(int64(half)+1)) //nolint:gosec // jitter needs no secrecy
 }

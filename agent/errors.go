@@ -19,6 +19,12 @@ var (
 	ErrCertificates = errors.New("agent: fetching server certificates failed")
 	// ErrAuthRejected means the server refused the token.
 	ErrAuthRejected = errors.New("agent: authentication refused by the server")
+	// ErrAuthUnavailable means the server could not check the token
+	// because its authentication service (the controller) did not
+	// answer; it closed with 1013, "Authentication service unavailable".
+	// The token may well be good: the agent retries with its usual
+	// backoff.
+	ErrAuthUnavailable = errors.New("agent: authentication service unavailable")
 	// ErrProtocol means the server sent something the agent does not
 	// expect at that point; the agent drops the connection and retries,
 	// as the Duplicati agent does.

@@ -27,7 +27,10 @@ func Example() {
 			_ = os.WriteFile("agent-token", []byte(token), 0o600)
 		},
 		OnState: func(e agent.Event) {
-			if e.State == agent.Disconnected {
+			switch e.State {
+			case agent.Rejected:
+				fmt.Fprintf(os.Stderr, "token refused, check AGENT_TOKEN: %v; retrying in %s\n", e.Err, e.RetryIn)
+			case agent.Disconnected:
 				fmt.Fprintf(os.Stderr, "disconnected: %v; retrying in %s\n", e.Err, e.RetryIn)
 			}
 		},

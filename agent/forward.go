@@ -10,6 +10,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/machineservice/machineservice/wire"
 )
 
 // DefaultForwardTimeout bounds one forwarded request when the Forwarder
@@ -105,9 +107,7 @@ func (f *Forwarder) ServeCommand(ctx context.Context, req *Request) *Response {
 	for k, vs := range req.Header {
 		hr.Header[k] = vs
 	}
-	for _, k := range hopHeaders {
-		hr.Header.Del(k)
-	}
+	wire.DropHopHeaders(hr.Header)
 	resp, err := f.client.Do(hr)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
@@ -124,9 +124,7 @@ func (f *Forwarder) ServeCommand(ctx context.Context, req *Request) *Response {
 		return textResponse(http.StatusBadGateway, fmt.Sprintf("the local API's response body is larger than %d bytes, too large to relay", f.maxBody))
 	}
 	h := resp.Header.Clone()
-	for _, k := range hopHeaders {
-		h.Del(k)
-	}
+	wire.DropHopHeaders(h)
 	return &Response{StatusCode: resp.StatusCode, Header: h, Body: data}
 }
 

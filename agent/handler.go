@@ -15,7 +15,8 @@ type Request struct {
 	// Path is the request target: path and query, as the portal sent it.
 	Path string
 	// Header holds the portal's headers. The wire carries one string per
-	// name, so repeated headers arrive joined with ", ".
+	// name, so repeated headers arrive joined with ", " (Cookie ones with
+	// "; "); see wire.FlattenHeader.
 	Header http.Header
 	// Body is the decoded body; nil when the portal sent none.
 	Body []byte
@@ -29,8 +30,10 @@ type Request struct {
 // Response is the answer to a Request.
 type Response struct {
 	StatusCode int
-	// Header is sent with one string per name; repeated values are joined
-	// with ", ".
+	// Header is sent with one string per name: repeated values are joined
+	// with ", ", except Set-Cookie ones, which are joined with "\n" so
+	// that the portal gets each cookie back whole (see
+	// wire.FlattenHeader). Hop-by-hop headers are not sent.
 	Header http.Header
 	Body   []byte
 }
@@ -87,60 +90,4 @@ func textResponse(status int, msg string) *Response {
 	h := http.Header{}
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	return &Response{StatusCode: status, Header: h, Body: []byte(msg + "\n")}
-}
-
-// hopHeaders are the hop-by-hop headers (RFC 9110, 7.6.1) and those that
-// describe one hop's framing; they are not carried across the relay.
-var hopHeaders = []string{
-	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
-	"Content-Length", "Host",
-}
-
-// flatten writes h as the wire's one string per name.
-func flatten(h http.Header) map[string]string {
-	if len(h) == 0 {
-		return map[string]string{}
-	}
-	out := make(map[string]string, len(h))
-	for k, vs := range h {
-		if len(vs) == 0 {
-			continue
-		}
-		out[http.CanonicalHeaderKey(k)] = joinValues(vs)
-	}
-	for _, k := range hopHeaders {
-		delete(out, k)
-	}
-	return out
-}
-
-func joinValues(vs []string) string {
-	if len(vs) == 1 {
-		return vs[0]
-	}
-	n := 0
-	for _, v := range vs {
-		n += len(v) + 2
-	}
-	b := make([]byte, 0, n)
-	for i, v := range vs {
-		if i > 0 {
-			b = append(b, ", "...)
-		}
-		b = append(b, v...)
-	}
-	return string(b)
-}
-
-// unflatten reads the wire's headers into an http.Header.
-func unflatten(m map[string]string) http.Header {
-	h := make(http.Header, len(m))
-	for k, v := range m {
-		h.Set(k, v)
-	}
-	for _, k := range hopHeaders {
-		h.Del(k)
-	}
-	return h
 }

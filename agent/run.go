@@ -55,11 +55,17 @@ func (a *Agent) Run(ctx context.Context) error {
 			failures = 0
 		}
 		failures++
-		wait := a.backoff(failures)
+		state, wait := Disconnected, a.backoff(failures)
+		if errors.Is(res.err, ErrAuthRejected) {
+			// The token may be re-issued, so the agent keeps trying;
+			// sooner than at the cap would only load the controller
+			// with a token it has refused.
+			state, wait = Rejected, jitter(a.cfg.MaxBackoff)
+		}
 		if d := time.Until(res.pauseUntil); d > wait {
 			wait = d
 		}
-		a.emit(Event{State: Disconnected, Err: res.err, RetryIn: wait, Attempt: failures, ServerKeyHash: res.keyHash})
+		a.emit(Event{State: state, Err: res.err, RetryIn: wait, Attempt: failures, ServerKeyHash: res.keyHash})
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
@@ -274,6 +280,9 @@ func (s *session) authenticate() error {
 	}
 	ans, err := s.read("read auth answer")
 	if err != nil {
+		if refused := closeRefusal(err); refused != nil {
+			return refused
+		}
 		return err
 	}
 	switch ans.Type {
@@ -288,13 +297,51 @@ func (s *session) authenticate() error {
 		return fmt.Errorf("%w: auth answer: %v", ErrProtocol, err)
 	}
 	if !r.Accepted {
-		return ErrAuthRejected
+		return s.refusal()
 	}
 	if r.WillReplaceToken && r.NewToken != nil && *r.NewToken != "" {
 		a.setToken(*r.NewToken)
 		if a.cfg.OnToken != nil {
 			a.cfg.OnToken(*r.NewToken)
 		}
+	}
+	return nil
+}
+
+// authCloseWait bounds the wait for the close frame that follows a
+// refused authentication and says why it was refused.
+const authCloseWait = 2 * time.Second
+
+// refusal reads the close frame that follows accepted:false. A server
+// that says nothing more within authCloseWait is taken to have refused
+// the token.
+func (s *session) refusal() error {
+	_ = s.ws.SetReadDeadline(time.Now().Add(authCloseWait)) // an error shows on the read
+	for {
+		if _, _, err := s.ws.ReadMessage(); err != nil {
+			if refused := closeRefusal(err); refused != nil {
+				return refused
+			}
+			return ErrAuthRejected
+		}
+		// Whatever comes before the close frame does not change the
+		// answer.
+	}
+}
+
+// closeRefusal explains a close frame that ends an authentication: 1013
+// (try again later, "Authentication service unavailable") means the
+// server could not ask its controller; "Authentication failed" means the
+// token was refused. Other errors give nil.
+func closeRefusal(err error) error {
+	var ce *websocket.CloseError
+	switch {
+	case !errors.As(err, &ce):
+		return nil
+	case ce.Code == websocket.CloseTryAgainLater:
+		return fmt.Errorf("%w: %d %s", ErrAuthUnavailable, ce.Code, ce.Text)
+	case ce.Text == wire.TextAuthenticationFailed:
+		return fmt.Errorf("%w: %d %s", ErrAuthRejected, ce.Code, ce.Text)
 	}
 	return nil
 }
@@ -485,7 +532,7 @@ func decodeCommand(env wire.Envelope) (*Request, *Response) {
 	req := &Request{
 		Method:    c.Method,
 		Path:      c.Path,
-		Header:    unflatten(c.Headers),
+		Header:    wire.UnflattenHeader(c.Headers),
 		From:      env.From,
 		MessageID: env.MessageID,
 		Payload:   env.Payload,
@@ -502,7 +549,7 @@ func decodeCommand(env wire.Envelope) (*Request, *Response) {
 
 func commandPayload(r *Response) wire.CommandResponse {
 	body := base64.StdEncoding.EncodeToString(r.Body)
-	return wire.CommandResponse{StatusCode: r.StatusCode, Body: &body, Headers: flatten(r.Header)}
+	return wire.CommandResponse{StatusCode: r.StatusCode, Body: &body, Headers: wire.FlattenHeader(r.Header)}
 }
 
 // answerCommand sends a command's answer back to the portal that sent it.

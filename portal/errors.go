@@ -15,12 +15,21 @@ var (
 	ErrInvalidConfig = errors.New("portal: invalid configuration")
 	// ErrAuthRejected means the server refused the token.
 	ErrAuthRejected = errors.New("portal: authentication refused by the server")
+	// ErrAuthUnavailable means the server could not check the token
+	// because its authentication service (the controller) did not
+	// answer; it closed with 1013, "Authentication service unavailable".
+	// The token may be good: try again later.
+	ErrAuthUnavailable = errors.New("portal: authentication service unavailable")
 	// ErrProtocol means the server sent something the client does not
 	// expect.
 	ErrProtocol = errors.New("portal: protocol violation")
 	// ErrClosed means the connection is closed; the error wrapping it
 	// says why.
 	ErrClosed = errors.New("portal: connection closed")
+	// ErrIdleTimeout means nothing arrived from the server within
+	// Config.IdleTimeout, so the connection was taken for dead and
+	// closed. An error wrapping it wraps ErrClosed too.
+	ErrIdleTimeout = errors.New("portal: nothing received within the idle timeout")
 	// ErrDestinationNotAvailable means the agent a request was sent to is
 	// not connected (the server's "Destination not available for
 	// relay"). Requests fail with an *UnavailableError, which matches it
@@ -70,3 +79,12 @@ func (e *timeoutError) Unwrap() error { return ErrTimeout }
 
 // Timeout reports true.
 func (e *timeoutError) Timeout() bool { return true }
+
+// idleError is ErrClosed because of ErrIdleTimeout.
+type idleError struct{ after time.Duration }
+
+func (e *idleError) Error() string {
+	return fmt.Sprintf("portal: connection closed: nothing received within %s, the connection is taken for dead", e.after)
+}
+
+func (e *idleError) Unwrap() []error { return []error{ErrClosed, ErrIdleTimeout} }

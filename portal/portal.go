@@ -15,11 +15,18 @@
 // The request becomes a command message (method, path and query, headers,
 // base64 body); the agent's answer becomes the *http.Response. The scheme
 // and host of the URL are not sent: with Transport(""), the host names
-// the agent instead.
+// the agent instead. Headers travel as one string per name: repeated
+// values joined with ", " (Cookie with "; "), except Set-Cookie, whose
+// values may hold commas and are joined with "\n" and split again, so
+// every cookie of the answer arrives whole (wire.FlattenHeader).
 //
-// A Client is one connection; it is safe for concurrent use. When the
-// connection drops, every call fails with an error wrapping ErrClosed, and
-// a new Client has to be dialled. The library never logs.
+// A Client is one connection; it is safe for concurrent use. The server
+// pings every minute (ENVIRONMENT__PINGINTERVALSECONDS); when nothing at
+// all arrives for Config.IdleTimeout, the connection is taken for dead and
+// closed, so a network path that fails silently is noticed. When the
+// connection ends, for that or any other reason, every waiting and later
+// call fails with an error wrapping ErrClosed, Updates is closed, and a new
+// Client has to be dialled. The library never logs.
 package portal
 
 import (
@@ -28,8 +35,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -45,6 +52,8 @@ const (
 	DefaultRequestTimeout   = 60 * time.Second
 	DefaultHandshakeTimeout = 30 * time.Second
 	DefaultWriteTimeout     = 10 * time.Second
+	// DefaultIdleTimeout is twice the server's default ping interval.
+	DefaultIdleTimeout = 120 * time.Second
 	// DefaultMaxMessageSize is the server's default limit on one message.
 	DefaultMaxMessageSize = 1 << 20
 	// DefaultClientVersion is sent as the client version.
@@ -73,6 +82,12 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// WriteTimeout bounds one write. Default 10 s.
 	WriteTimeout time.Duration
+	// IdleTimeout is how long the connection may stay silent before it
+	// is taken for dead and closed. Every frame counts, the server's
+	// pings too, so about twice the server's ping interval (its
+	// ENVIRONMENT__PINGINTERVALSECONDS, 60 s by default) is right.
+	// Default 120 s.
+	IdleTimeout time.Duration
 	// MaxMessageSize is the largest message the server accepts (its
 	// ENVIRONMENT__MAXMESSAGESIZE); a larger request fails with
 	// ErrRequestTooLarge before it is sent. Default 1 MiB.
@@ -103,7 +118,9 @@ type Client struct {
 }
 
 // Dial connects to the server and authenticates. It returns an error
-// wrapping ErrAuthRejected when the token is refused.
+// wrapping ErrAuthRejected when the token is refused, and one wrapping
+// ErrAuthUnavailable when the server could not have it checked (its
+// controller did not answer); that one is worth retrying later.
 func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	wsURL, err := endpoint(cfg.Server)
 	if err != nil {
@@ -126,6 +143,9 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = DefaultWriteTimeout
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
 	}
 	if cfg.MaxMessageSize <= 0 {
 		cfg.MaxMessageSize = DefaultMaxMessageSize
@@ -165,12 +185,12 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	if err != nil {
 		_ = ws.Close() // the handshake failed; nothing more to say
-		if hctx.Err() != nil && !errors.Is(err, ErrAuthRejected) {
+		if hctx.Err() != nil && !errors.Is(err, ErrAuthRejected) && !errors.Is(err, ErrAuthUnavailable) {
 			err = fmt.Errorf("portal: connect %s: %w", cfg.Server, hctx.Err())
 		}
 		return nil, err
 	}
-	_ = ws.SetReadDeadline(time.Time{}) // the server pings; silence is fine
+	c.keepalive()
 	go c.readLoop()
 	return c, nil
 }
@@ -180,30 +200,16 @@ func endpoint(server string) (string, error) {
 	if server == "" {
 		return "", fmt.Errorf("%w: Server is empty", ErrInvalidConfig)
 	}
-	u, err := url.Parse(server)
+	wsURL, _, err := wire.Endpoint(server, wire.RoutePortal)
 	if err != nil {
 		return "", fmt.Errorf("%w: Server %q: %v", ErrInvalidConfig, server, err)
 	}
-	var scheme string
-	switch strings.ToLower(u.Scheme) {
-	case "http", "ws":
-		scheme = "ws"
-	case "https", "wss":
-		scheme = "wss"
-	default:
-		return "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	if u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-		return "", fmt.Errorf("%w: Server %q: want http://host:port or https://host:port", ErrInvalidConfig, server)
-	}
-	path := strings.TrimSuffix(strings.TrimSuffix(u.Path, "/"), "/portal")
-	ws := url.URL{Scheme: scheme, Host: u.Host, Path: path + "/portal"}
-	return ws.String(), nil
+	return wsURL, nil
 }
 
 func (c *Client) handshake() error {
 	_ = c.ws.SetReadDeadline(time.Now().Add(c.cfg.HandshakeTimeout)) // an error shows on the read
-	welcome, err := c.readEnvelope()
+	welcome, err := c.readEnvelope(false)
 	if err != nil {
 		return fmt.Errorf("portal: read welcome: %w", err)
 	}
@@ -223,11 +229,10 @@ func (c *Client) handshake() error {
 		return fmt.Errorf("portal: send authportal: %w", err)
 	}
 	for {
-		ans, err := c.readEnvelope()
+		ans, err := c.readEnvelope(false)
 		if err != nil {
-			var ce *websocket.CloseError
-			if errors.As(err, &ce) && ce.Text == wire.TextAuthenticationFailed {
-				return fmt.Errorf("%w: %v", ErrAuthRejected, err)
+			if refused := closeRefusal(err); refused != nil {
+				return refused
 			}
 			return fmt.Errorf("portal: read auth answer: %w", err)
 		}
@@ -243,18 +248,85 @@ func (c *Client) handshake() error {
 			return fmt.Errorf("%w: auth answer: %v", ErrProtocol, err)
 		}
 		if !r.Accepted {
-			return ErrAuthRejected
+			return c.refusal()
 		}
 		return nil
 	}
 }
 
-// readEnvelope reads the next text frame as a plain envelope.
-func (c *Client) readEnvelope() (wire.Envelope, error) {
+// authCloseWait bounds the wait for the close frame that follows a
+// refused authentication and says why it was refused.
+const authCloseWait = 2 * time.Second
+
+// refusal reads the close frame that follows accepted:false. A server
+// that says nothing more within authCloseWait is taken to have refused
+// the token.
+func (c *Client) refusal() error {
+	_ = c.ws.SetReadDeadline(time.Now().Add(authCloseWait)) // an error shows on the read
+	for {
+		if _, _, err := c.ws.ReadMessage(); err != nil {
+			if refused := closeRefusal(err); refused != nil {
+				return refused
+			}
+			return ErrAuthRejected
+		}
+		// Whatever comes before the close frame does not change the
+		// answer.
+	}
+}
+
+// closeRefusal explains a close frame that ends an authentication: 1013
+// (try again later, "Authentication service unavailable") means the
+// server could not ask its controller; "Authentication failed" means the
+// token was refused. Other errors give nil.
+func closeRefusal(err error) error {
+	var ce *websocket.CloseError
+	switch {
+	case !errors.As(err, &ce):
+		return nil
+	case ce.Code == websocket.CloseTryAgainLater:
+		return fmt.Errorf("%w: %d %s", ErrAuthUnavailable, ce.Code, ce.Text)
+	case ce.Text == wire.TextAuthenticationFailed:
+		return fmt.Errorf("%w: %d %s", ErrAuthRejected, ce.Code, ce.Text)
+	}
+	return nil
+}
+
+// keepalive arms the idle timer for the read loop: the read deadline is
+// pushed back by every frame, pings and pongs included. It runs before
+// the read loop starts, as the handlers may not change under a read.
+func (c *Client) keepalive() {
+	ws := c.ws
+	ws.SetPingHandler(func(data string) error {
+		c.touch()
+		err := ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(c.cfg.WriteTimeout))
+		var ne net.Error
+		if err == nil || errors.Is(err, websocket.ErrCloseSent) || (errors.As(err, &ne) && ne.Timeout()) {
+			return nil // a missed pong is not fatal; the server pings again
+		}
+		return err
+	})
+	ws.SetPongHandler(func(string) error { c.touch(); return nil })
+	c.touch()
+}
+
+// touch restarts the idle timer. It runs on the read loop's goroutine
+// only (the ping and pong handlers run inside its reads).
+func (c *Client) touch() {
+	// An error means the connection is gone, which the next read reports.
+	_ = c.ws.SetReadDeadline(time.Now().Add(c.cfg.IdleTimeout))
+}
+
+// readEnvelope reads the next text frame as a plain envelope; live says
+// that each frame restarts the idle timer.
+func (c *Client) readEnvelope(live bool) (wire.Envelope, error) {
 	for {
 		mt, data, err := c.ws.ReadMessage()
 		if err != nil {
 			return wire.Envelope{}, err
+		}
+		if live {
+			c.touch()
 		}
 		if mt != websocket.TextMessage {
 			continue // the protocol has text frames only
@@ -290,7 +362,7 @@ func (c *Client) readLoop() {
 	var err error
 	for {
 		var env wire.Envelope
-		env, err = c.readEnvelope()
+		env, err = c.readEnvelope(true)
 		if err != nil {
 			break
 		}
@@ -336,12 +408,15 @@ func (c *Client) push(list []Agent) {
 func (c *Client) finish(err error) {
 	c.mu.Lock()
 	var ce *websocket.CloseError
+	var ne net.Error
 	switch {
 	case c.err != nil:
 	case c.warning != "":
 		c.err = fmt.Errorf("%w: server warning %q: %v", ErrClosed, c.warning, err)
 	case errors.As(err, &ce):
 		c.err = fmt.Errorf("%w by the server: %d %s", ErrClosed, ce.Code, ce.Text)
+	case errors.As(err, &ne) && ne.Timeout():
+		c.err = &idleError{after: c.cfg.IdleTimeout}
 	default:
 		c.err = fmt.Errorf("%w: %v", ErrClosed, err)
 	}
@@ -368,8 +443,9 @@ func (c *Client) ClientID() string { return c.cfg.ClientID }
 
 // Updates delivers the lists the server pushes when an agent of the
 // organization connects or leaves. Only the newest unread list is kept.
-// The channel is closed when the connection ends. It is shared: use one
-// reader.
+// The channel is closed when the connection ends, whether it was closed
+// or found dead after Config.IdleTimeout of silence; Err then says why.
+// It is shared: use one reader.
 func (c *Client) Updates() <-chan []Agent { return c.updates }
 
 // Close says goodbye with a close frame and waits briefly for the

@@ -55,6 +55,15 @@ func localAPI(t *testing.T) *httptest.Server {
 		case <-r.Context().Done():
 		}
 	})
+	mux.HandleFunc("GET /cookies", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Add("Set-Cookie", sessionCookie)
+		w.Header().Add("Set-Cookie", themeCookie)
+		var seen []string
+		for _, c := range r.Cookies() {
+			seen = append(seen, c.Name+"="+c.Value)
+		}
+		fmt.Fprint(w, strings.Join(seen, " "))
+	})
 	mux.HandleFunc("GET /redirect", func(w http.ResponseWriter, r *http.Request) {
 		http.Redirect(w, r, "/hello?n=redirected", http.StatusFound)
 	})
@@ -65,6 +74,13 @@ func localAPI(t *testing.T) *httptest.Server {
 	})
 	return srv
 }
+
+// The cookies the local API sets. The Expires of the first holds a comma,
+// so the two cannot travel joined with ", ".
+const (
+	sessionCookie = "session=abc123; Path=/; Expires=Wed, 21 Oct 2037 07:28:00 GMT; HttpOnly"
+	themeCookie   = "theme=dark; Path=/"
+)
 
 // pattern is n bytes that are not all alike, so a shifted or cut body
 // shows.
@@ -248,6 +264,25 @@ func TestHostPicksTheAgent(t *testing.T) {
 	resp, body := do(t, hc, "GET", "http://"+a.ClientID()+"/hello?n=h", nil, nil)
 	if resp.StatusCode != 200 || string(body) != "hello h" {
 		t.Fatalf("got %d %q", resp.StatusCode, body)
+	}
+}
+
+// TestCookies sends two Cookie headers to the agent's local API and gets
+// two Set-Cookie headers back, each whole.
+func TestCookies(t *testing.T) {
+	_, a, pc := setup(t, portal.Config{})
+	hc := &http.Client{Transport: pc.Transport(a.ClientID())}
+	resp, body := do(t, hc, "GET", "http://agent/cookies", nil, http.Header{"Cookie": {"a=1", "b=2"}})
+	if resp.StatusCode != 200 || string(body) != "a=1 b=2" {
+		t.Fatalf("got %d %q, want the local API to have seen both request cookies", resp.StatusCode, body)
+	}
+	if got, want := resp.Header.Values("Set-Cookie"), []string{sessionCookie, themeCookie}; !slices.Equal(got, want) {
+		t.Fatalf("Set-Cookie %q, want %q", got, want)
+	}
+	cookies := resp.Cookies()
+	if len(cookies) != 2 || cookies[0].Name != "session" || cookies[0].Value != "abc123" || cookies[0].Expires.Year() != 2037 ||
+		!cookies[0].HttpOnly || cookies[1].Name != "theme" || cookies[1].Value != "dark" {
+		t.Fatalf("cookies %v", cookies)
 	}
 }
 

@@ -17,10 +17,13 @@ import (
 // taken as the client id instead, so one http.Client can reach every agent
 // with URLs like http://<clientId>/path.
 //
-// The request's method, path and query, headers (repeated ones joined with
-// ", "; hop-by-hop ones and Host left out) and body travel in the command;
-// the scheme and host do not. The agent's status, headers and body make
-// the *http.Response. Each round trip is bounded by the request's context
+// The request's method, path and query, headers and body travel in the
+// command; the scheme and host do not. The agent's status, headers and
+// body make the *http.Response. The wire carries one string per header
+// name (see wire.FlattenHeader): repeated values are joined with ", ",
+// Cookie values with "; ", and Set-Cookie values with "\n", which is split
+// again here, so that each cookie of the agent's answer arrives whole in
+// Header["Set-Cookie"]. Hop-by-hop headers and Host are left out. Each round trip is bounded by the request's context
 // and by Config.RequestTimeout. Errors: *UnavailableError when the agent
 // is not connected, one wrapping ErrTimeout on timeout, ErrRequestTooLarge,
 // ErrRelay, ErrInvalidResponse, or one wrapping ErrClosed when the
@@ -55,7 +58,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if method == "" {
 		method = http.MethodGet
 	}
-	cmd := wire.CommandRequest{Method: method, Path: path, Headers: flatten(req.Header)}
+	cmd := wire.CommandRequest{Method: method, Path: path, Headers: wire.FlattenHeader(req.Header)}
 	if body != nil {
 		b := base64.StdEncoding.EncodeToString(body)
 		cmd.Body = &b
@@ -102,7 +105,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		Proto:         "HTTP/1.1",
 		ProtoMajor:    1,
 		ProtoMinor:    1,
-		Header:        unflatten(r.Headers),
+		Header:        wire.UnflattenHeader(r.Headers),
 		Body:          io.NopCloser(bytes.NewReader(data)),
 		ContentLength: int64(len(data)),
 		Request:       req,
@@ -124,43 +127,4 @@ func readBody(req *http.Request, limit int) ([]byte, error) {
 		return nil, fmt.Errorf("%w: the body alone is over %d bytes", ErrRequestTooLarge, limit)
 	}
 	return data, nil
-}
-
-// hopHeaders are the hop-by-hop headers (RFC 9110, 7.6.1) and those that
-// describe one hop's framing; they are not carried across the relay.
-var hopHeaders = []string{
-	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
-	"Content-Length", "Host",
-}
-
-// flatten writes h as the wire's one string per name.
-func flatten(h http.Header) map[string]string {
-	out := make(map[string]string, len(h))
-	for k, vs := range h {
-		if len(vs) == 0 {
-			continue
-		}
-		v := vs[0]
-		for _, more := range vs[1:] {
-			v += ", " + more
-		}
-		out[http.CanonicalHeaderKey(k)] = v
-	}
-	for _, k := range hopHeaders {
-		delete(out, k)
-	}
-	return out
-}
-
-// unflatten reads the wire's headers into an http.Header.
-func unflatten(m map[string]string) http.Header {
-	h := make(http.Header, len(m))
-	for k, v := range m {
-		h.Set(k, v)
-	}
-	for _, k := range hopHeaders {
-		h.Del(k)
-	}
-	return h
 }

@@ -120,8 +120,16 @@ func logState(log *slog.Logger, status *statusLine, server string, e agent.Event
 	case agent.Connected:
 		status.Set("")
 		log.Info("connected", "key_hash", e.ServerKeyHash)
+	case agent.Rejected:
+		log.Error("the server refused the token: check --token or --token-file; retrying at the slowest pace in case it is re-issued",
+			"err", e.Err, "retry_in", e.RetryIn.Round(100*time.Millisecond).String(), "attempt", e.Attempt)
+		status.Countdown("token refused; retrying in %d s", e.RetryIn)
 	case agent.Disconnected:
-		log.Warn("disconnected", "err", e.Err, "retry_in", e.RetryIn.Round(100*time.Millisecond).String(), "attempt", e.Attempt)
+		msg := "disconnected"
+		if errors.Is(e.Err, agent.ErrAuthUnavailable) {
+			msg = "the server's authentication service is unavailable; the token was not checked, retrying"
+		}
+		log.Warn(msg, "err", e.Err, "retry_in", e.RetryIn.Round(100*time.Millisecond).String(), "attempt", e.Attempt)
 		status.Countdown("retrying in %d s", e.RetryIn)
 	case agent.Stopped:
 		status.Set("")

@@ -33,7 +33,8 @@ optional: --timeout DURATION (default 60s), --include-sub-orgs
 
 exit status: 0 for a 2xx or 3xx answer (or a list), 1 for any other answer or
 when the agent is not connected or does not answer in time, 2 for usage,
-connection or authentication errors.
+connection or authentication errors (a refused token, or an authentication
+service that is unavailable).
 `
 
 // Exit statuses of the portal command.
@@ -127,9 +128,12 @@ func portalCmd(args []string, stdout, stderr io.Writer) int {
 	cancel()
 	status.Set("")
 	if err != nil {
-		if errors.Is(err, portal.ErrAuthRejected) {
+		switch {
+		case errors.Is(err, portal.ErrAuthRejected):
 			fmt.Fprintf(stderr, "machineservice: portal: authentication refused: check --token\n")
-		} else {
+		case errors.Is(err, portal.ErrAuthUnavailable):
+			fmt.Fprintf(stderr, "machineservice: portal: the server's authentication service is unavailable; the token was not checked, try again later\n")
+		default:
 			fmt.Fprintf(stderr, "machineservice: %v\n", err)
 		}
 		return exitProblem
