@@ -177,9 +177,11 @@ func (p *Postgres) stripe(k key) *sync.Mutex {
 	return &p.stripes[h.Sum64()%uint64(len(p.stripes))]
 }
 
-// Register adds or replaces the entry. When the database cannot be
-// written the entry is kept locally, written once the database is back,
-// and the error wraps ErrUnavailable.
+// Register adds or replaces the entry, unless a fresh entry of another
+// client holds the key (ErrConflict): a row is free to take when it is
+// stale or its instance is dead. When the database cannot be written the
+// entry is kept locally, written once the database is back, and the error
+// wraps ErrUnavailable.
 func (p *Postgres) Register(ctx context.Context, c Client) error {
 	if c.InstanceID == "" {
 		c.InstanceID = p.opts.InstanceID
@@ -190,9 +192,18 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 	defer l.Unlock()
 	now := time.Now()
 	p.mu.Lock()
-	if old := p.local[k]; old != nil {
+	old := p.local[k]
+	switch {
+	case old == nil:
+		c.FirstSeen = now
+	case sameClient(old.c, c):
 		c.FirstSeen = old.c.FirstSeen
-	} else {
+	case now.Sub(old.c.LastUpdated) < p.opts.ClientTimeout:
+		// Another client on this instance: known without asking,
+		// even while the database is away.
+		p.mu.Unlock()
+		return conflict(old.c, c)
+	default:
 		c.FirstSeen = now
 	}
 	c.LastUpdated = now
@@ -203,12 +214,22 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 	if down {
 		return errDown
 	}
-	if err := p.upsert(ctx, c, p.opts.History, false); err != nil {
+	res, err := p.upsert(ctx, c, p.opts.History, false)
+	if err != nil {
 		return p.failed("register", err)
 	}
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !res.written {
+		// The stripe kept the key's local entry as this call left it.
+		if old != nil {
+			p.local[k] = old
+		} else {
+			delete(p.local, k)
+		}
+		return res.conflictError(c)
+	}
 	e.historyPending = false
-	p.mu.Unlock()
 	return nil
 }
 
@@ -239,11 +260,21 @@ func (p *Postgres) Touch(ctx context.Context, clientID, organizationID, connecti
 		WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
 		clientID, organizationID, connectionID)
 	if err == nil && tag.RowsAffected() == 0 {
-		err = p.upsert(ctx, c, hist, true)
+		var res upsertResult
+		res, err = p.upsert(ctx, c, hist, true)
 		if err == nil {
 			p.mu.Lock()
-			e.historyPending = false
+			if res.conflict {
+				// Not this connection's to take back: it stays
+				// unlisted, and its pings stop trying.
+				delete(p.local, k)
+			} else if res.written {
+				e.historyPending = false
+			}
 			p.mu.Unlock()
+			if res.conflict {
+				return fmt.Errorf("touch: %w", res.conflictError(c))
+			}
 		}
 	}
 	if err != nil {
@@ -444,38 +475,119 @@ func (p *Postgres) listable() error {
 // unreachable: they do not wait for it.
 var errDown = fmt.Errorf("%w: database unreachable; this instance's clients are kept in memory until it is back", ErrUnavailable)
 
-// upsert writes an entry, and its register event when hist is set. A
-// register replaces whatever row the client had; a reclaim (writing an
+// upsertResult is what an upsert did.
+type upsertResult struct {
+	// written: the row is the entry's now.
+	written bool
+	// conflict: a fresh row of another client holds the key (a
+	// written=false without it is a reclaim that found the client
+	// connected to another live instance).
+	conflict bool
+	// changed: written where the row was not this connection's fresh
+	// one, so that the lists of its organization change.
+	changed bool
+	// The row found, if any.
+	oldType           *int16
+	oldRegID, oldConn *string
+}
+
+// old returns the row found; it is set when oldType is.
+func (r upsertResult) old() Client {
+	return Client{Type: wire.ClientType(*r.oldType), MachineRegistrationID: *r.oldRegID, ConnectionID: *r.oldConn}
+}
+
+func (r upsertResult) conflictError(c Client) error {
+	if r.oldType == nil {
+		// Taken between this statement's snapshot and its insert.
+		return fmt.Errorf("register %s %s: %w", c.Type, c.ClientID, ErrConflict)
+	}
+	return conflict(r.old(), c)
+}
+
+// upsertSQL writes an entry and, when $13 is set, its register event.
+//
+// A row is free to take when it is stale or its instance is dead.
+// Otherwise only the same client (type and registered agent id, or the
+// same connection authenticating again) may replace it: a register
+// replaces whatever row the client had, while a reclaim ($10: writing an
 // entry back) leaves alone a row that another live instance holds, since
 // the client has connected there since and this connection is on its way
 // out.
-func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) error {
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	b := &pgx.Batch{}
-	b.Queue(`INSERT INTO clients (client_id, organization_id, client_type, instance_id, connection_id,
-			machine_server_uri, client_version, machine_registration_id, client_ip, first_seen, last_updated)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), now())
-		ON CONFLICT (client_id, organization_id) DO UPDATE SET
-			client_type = EXCLUDED.client_type,
-			instance_id = EXCLUDED.instance_id,
-			connection_id = EXCLUDED.connection_id,
-			machine_server_uri = EXCLUDED.machine_server_uri,
-			client_version = EXCLUDED.client_version,
-			machine_registration_id = EXCLUDED.machine_registration_id,
-			client_ip = EXCLUDED.client_ip,
-			last_updated = now()
-		WHERE NOT $10 OR clients.instance_id = EXCLUDED.instance_id OR NOT EXISTS (
-			SELECT 1 FROM instances i WHERE i.instance_id = clients.instance_id
-			AND i.heartbeat > now() - $11 * interval '1 second')`,
+//
+// The final SELECT reads the row as it was before the statement (all
+// parts of one statement share its snapshot), to tell a conflict and a
+// change apart.
+const upsertSQL = `WITH up AS (
+	INSERT INTO clients (client_id, organization_id, client_type, instance_id, connection_id,
+		machine_server_uri, client_version, machine_registration_id, client_ip, first_seen, last_updated)
+	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), now())
+	ON CONFLICT (client_id, organization_id) DO UPDATE SET
+		first_seen = CASE WHEN clients.connection_id = EXCLUDED.connection_id
+			OR clients.client_type = EXCLUDED.client_type
+				AND clients.machine_registration_id = EXCLUDED.machine_registration_id
+			THEN clients.first_seen ELSE now() END,
+		client_type = EXCLUDED.client_type,
+		instance_id = EXCLUDED.instance_id,
+		connection_id = EXCLUDED.connection_id,
+		machine_server_uri = EXCLUDED.machine_server_uri,
+		client_version = EXCLUDED.client_version,
+		machine_registration_id = EXCLUDED.machine_registration_id,
+		client_ip = EXCLUDED.client_ip,
+		last_updated = now()
+	WHERE clients.last_updated <= now() - $11 * interval '1 second'
+		OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = clients.instance_id
+			AND i.heartbeat > now() - $12 * interval '1 second')
+		OR (clients.connection_id = EXCLUDED.connection_id
+			OR clients.client_type = EXCLUDED.client_type
+				AND clients.machine_registration_id = EXCLUDED.machine_registration_id)
+			AND (NOT $10 OR clients.instance_id = EXCLUDED.instance_id)
+	RETURNING 1
+), hist AS (
+	INSERT INTO client_history (event, client_id, organization_id, client_type, instance_id,
+		connection_id, client_ip, client_version, machine_registration_id)
+	SELECT 'register', $1, $2, $3, $4, $5, $9, $7, $8
+	WHERE $13 AND EXISTS (SELECT 1 FROM up)
+)
+SELECT EXISTS (SELECT 1 FROM up), o.client_type, o.machine_registration_id, o.connection_id,
+	coalesce(o.instance_id = $4 AND o.connection_id = $5
+		AND o.last_updated > now() - $11 * interval '1 second', false)
+FROM (SELECT) AS one LEFT JOIN clients o ON o.client_id = $1 AND o.organization_id = $2`
+
+// queueUpsert queues the write of an entry (see upsertSQL); res is set
+// once the batch is read.
+func (p *Postgres) queueUpsert(b *pgx.Batch, c Client, hist, reclaim bool, res *upsertResult) {
+	b.Queue(upsertSQL,
 		c.ClientID, c.OrganizationID, int(c.Type), c.InstanceID, c.ConnectionID,
 		c.MachineServerURI, c.ClientVersion, c.MachineRegistrationID, c.ClientIP,
-		reclaim, p.opts.InstanceTimeout.Seconds())
-	if hist {
-		queueHistory(b, "register", c, nil)
+		reclaim, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds(), hist,
+	).QueryRow(func(row pgx.Row) error {
+		var wasOurs bool
+		if err := row.Scan(&res.written, &res.oldType, &res.oldRegID, &res.oldConn, &wasOurs); err != nil {
+			return err
+		}
+		res.changed = res.written && !wasOurs
+		switch {
+		case res.written:
+		case !reclaim:
+			res.conflict = true // a register gives way to nothing else
+		case res.oldType != nil && res.oldRegID != nil && res.oldConn != nil:
+			res.conflict = !sameClient(res.old(), c)
+		}
+		return nil
+	})
+}
+
+// upsert writes an entry, and its register event when hist is set.
+func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) (upsertResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	var res upsertResult
+	b := &pgx.Batch{}
+	p.queueUpsert(b, c, hist, reclaim, &res)
+	if err := p.pool.SendBatch(ctx, b).Close(); err != nil {
+		return upsertResult{}, err
 	}
-	// A batch runs as one implicit transaction.
-	return p.pool.SendBatch(ctx, b).Close()
+	return res, nil
 }
 
 // remove deletes the connection's entry, if it still owns the row, and
@@ -670,11 +782,20 @@ func (p *Postgres) resync(ctx context.Context) {
 		}
 		p.mu.Unlock()
 		var err error
+		var res upsertResult
 		if e != nil {
-			if err = p.upsert(ctx, c, hist, true); err == nil {
-				written++
+			if res, err = p.upsert(ctx, c, hist, true); err == nil {
 				p.mu.Lock()
-				e.historyPending = false
+				switch {
+				case res.conflict:
+					// Another client took the id while this one
+					// was only known here: this one stays
+					// unlisted, and nothing tries again.
+					delete(p.local, k)
+				case res.written:
+					written++
+					e.historyPending = false
+				}
 				p.mu.Unlock()
 			}
 		}
@@ -682,6 +803,10 @@ func (p *Postgres) resync(ctx context.Context) {
 		if err != nil {
 			_ = p.failed("resync register", err) // the next heartbeat retries
 			return
+		}
+		if res.conflict {
+			p.log.Warn("a client registered while the database was away is not listed: another client holds its id",
+				"org", c.OrganizationID, "conn", c.ConnectionID, "err", res.conflictError(c))
 		}
 	}
 	p.mu.Lock()
