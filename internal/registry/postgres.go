@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -169,12 +170,37 @@ func (p *Postgres) Close(ctx context.Context) error {
 }
 
 func (p *Postgres) stripe(k key) *sync.Mutex {
+	return &p.stripes[p.stripeIndex(k)]
+}
+
+func (p *Postgres) stripeIndex(k key) int {
 	var h maphash.Hash
 	h.SetSeed(p.seed)
 	h.WriteString(k.client)
 	h.WriteByte(0)
 	h.WriteString(k.org)
-	return &p.stripes[h.Sum64()%uint64(len(p.stripes))]
+	return int(h.Sum64() % uint64(len(p.stripes)))
+}
+
+// lockStripes locks the stripes of keys, in index order so that two
+// callers cannot deadlock, and returns the unlock.
+func (p *Postgres) lockStripes(keys []key) (unlock func()) {
+	var held [len(p.stripes)]bool
+	for _, k := range keys {
+		held[p.stripeIndex(k)] = true
+	}
+	for i, h := range held {
+		if h {
+			p.stripes[i].Lock()
+		}
+	}
+	return func() {
+		for i, h := range held {
+			if h {
+				p.stripes[i].Unlock()
+			}
+		}
+	}
 }
 
 // Register adds or replaces the entry, unless a fresh entry of another
@@ -579,12 +605,10 @@ func (p *Postgres) queueUpsert(b *pgx.Batch, c Client, hist, reclaim bool, res *
 
 // upsert writes an entry, and its register event when hist is set.
 func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) (upsertResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
 	var res upsertResult
 	b := &pgx.Batch{}
 	p.queueUpsert(b, c, hist, reclaim, &res)
-	if err := p.pool.SendBatch(ctx, b).Close(); err != nil {
+	if err := p.send(ctx, b); err != nil {
 		return upsertResult{}, err
 	}
 	return res, nil
@@ -593,14 +617,23 @@ func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) (up
 // remove deletes the connection's entry, if it still owns the row, and
 // records the unregister.
 func (p *Postgres) remove(ctx context.Context, c Client, t Traffic) error {
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
 	b := &pgx.Batch{}
+	p.queueRemove(b, c, t)
+	return p.send(ctx, b)
+}
+
+func (p *Postgres) queueRemove(b *pgx.Batch, c Client, t Traffic) {
 	b.Queue(`DELETE FROM clients WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
 		c.ClientID, c.OrganizationID, c.ConnectionID)
 	if p.opts.History {
 		queueHistory(b, "unregister", c, &t)
 	}
+}
+
+// send runs a batch, as one implicit transaction, within the timeout.
+func (p *Postgres) send(ctx context.Context, b *pgx.Batch) error {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
 	return p.pool.SendBatch(ctx, b).Close()
 }
 
@@ -724,11 +757,17 @@ func (p *Postgres) beat(ctx context.Context) {
 	}
 }
 
+// resyncChunk is how many unregisters or entries one batch of a resync
+// carries: a batch is one round trip, and holds the stripes of its keys
+// for as long.
+const resyncChunk = 500
+
 // resync applies the unregisters that were missed and writes every local
-// entry again. Writes are let through first, so that the entries added
-// meanwhile are written by their own calls; the list opens only when the
-// resync went through without a failure.
+// entry again, in batches. Writes are let through first, so that the
+// entries added meanwhile are written by their own calls; the list opens
+// only when the resync went through without a failure.
 func (p *Postgres) resync(ctx context.Context) {
+	began := time.Now()
 	p.mu.Lock()
 	start := p.failures
 	p.dirty = false
@@ -745,69 +784,22 @@ func (p *Postgres) resync(ctx context.Context) {
 	}
 	p.mu.Unlock()
 
-	removed := 0
-	for _, pk := range pend {
-		l := p.stripe(pk.key)
-		l.Lock()
-		p.mu.Lock()
-		u, ok := p.pending[pk]
-		delete(p.pending, pk)
-		p.mu.Unlock()
-		var err error
-		if ok {
-			if err = p.remove(ctx, u.c, u.traffic); err != nil {
-				p.mu.Lock()
-				p.pending[pk] = u
-				p.mu.Unlock()
-			} else {
-				removed++
-			}
-		}
-		l.Unlock()
+	removed, written := 0, 0
+	for chunk := range slices.Chunk(pend, resyncChunk) {
+		n, err := p.removePending(ctx, chunk)
 		if err != nil {
 			_ = p.failed("resync unregister", err) // the next heartbeat retries
 			return
 		}
+		removed += n
 	}
-	written := 0
-	for _, k := range keys {
-		l := p.stripe(k)
-		l.Lock()
-		p.mu.Lock()
-		e := p.local[k]
-		var c Client
-		var hist bool
-		if e != nil {
-			c, hist = e.c, e.historyPending
-		}
-		p.mu.Unlock()
-		var err error
-		var res upsertResult
-		if e != nil {
-			if res, err = p.upsert(ctx, c, hist, true); err == nil {
-				p.mu.Lock()
-				switch {
-				case res.conflict:
-					// Another client took the id while this one
-					// was only known here: this one stays
-					// unlisted, and nothing tries again.
-					delete(p.local, k)
-				case res.written:
-					written++
-					e.historyPending = false
-				}
-				p.mu.Unlock()
-			}
-		}
-		l.Unlock()
+	for chunk := range slices.Chunk(keys, resyncChunk) {
+		n, err := p.writeBack(ctx, chunk)
 		if err != nil {
 			_ = p.failed("resync register", err) // the next heartbeat retries
 			return
 		}
-		if res.conflict {
-			p.log.Warn("a client registered while the database was away is not listed: another client holds its id",
-				"org", c.OrganizationID, "conn", c.ConnectionID, "err", res.conflictError(c))
-		}
+		written += n
 	}
 	p.mu.Lock()
 	ok := p.failures == start
@@ -817,8 +809,105 @@ func (p *Postgres) resync(ctx context.Context) {
 	p.mu.Unlock()
 	if ok && wasDown {
 		p.log.Info("registry database reachable again; this instance's clients are written back",
-			"clients", written, "unregisters", removed, "outage", time.Since(since).Round(time.Millisecond).String())
+			"clients", written, "unregisters", removed, "outage", time.Since(since).Round(time.Millisecond).String(),
+			"took", time.Since(began).Round(time.Millisecond).String())
 	}
+}
+
+// removePending applies the missed unregisters of pks in one batch, and
+// returns how many there were. Those it could not apply stay pending.
+func (p *Postgres) removePending(ctx context.Context, pks []pendingKey) (int, error) {
+	keys := make([]key, len(pks))
+	for i, pk := range pks {
+		keys[i] = pk.key
+	}
+	unlock := p.lockStripes(keys)
+	defer unlock()
+	p.mu.Lock()
+	taken := make([]pendingKey, 0, len(pks))
+	us := make([]pendingUnregister, 0, len(pks))
+	for _, pk := range pks {
+		if u, ok := p.pending[pk]; ok {
+			delete(p.pending, pk)
+			taken = append(taken, pk)
+			us = append(us, u)
+		}
+	}
+	p.mu.Unlock()
+	if len(us) == 0 {
+		return 0, nil
+	}
+	b := &pgx.Batch{}
+	for _, u := range us {
+		p.queueRemove(b, u.c, u.traffic)
+	}
+	if err := p.send(ctx, b); err != nil {
+		// The stripes kept these keys' unregisters from being
+		// recorded again meanwhile.
+		p.mu.Lock()
+		for i, pk := range taken {
+			p.pending[pk] = us[i]
+		}
+		p.mu.Unlock()
+		return 0, err
+	}
+	return len(us), nil
+}
+
+// writeBack writes the local entries of keys in one batch, and returns
+// how many it wrote. An entry that meets a conflict is dropped.
+func (p *Postgres) writeBack(ctx context.Context, keys []key) (int, error) {
+	type item struct {
+		k    key
+		e    *entry
+		c    Client
+		hist bool
+		res  upsertResult
+	}
+	unlock := p.lockStripes(keys)
+	items := make([]item, 0, len(keys))
+	p.mu.Lock()
+	for _, k := range keys {
+		if e := p.local[k]; e != nil {
+			items = append(items, item{k: k, e: e, c: e.c, hist: e.historyPending})
+		}
+	}
+	p.mu.Unlock()
+	if len(items) == 0 {
+		unlock()
+		return 0, nil
+	}
+	b := &pgx.Batch{}
+	for i := range items {
+		p.queueUpsert(b, items[i].c, items[i].hist, true, &items[i].res)
+	}
+	if err := p.send(ctx, b); err != nil {
+		unlock()
+		return 0, err
+	}
+	written := 0
+	var refused []item
+	p.mu.Lock()
+	for _, it := range items {
+		switch {
+		case it.res.conflict:
+			// Another client took the id while this one was only
+			// known here: this one stays unlisted, and nothing
+			// tries again.
+			delete(p.local, it.k)
+			refused = append(refused, it)
+		case it.res.written:
+			written++
+			it.e.historyPending = false
+		}
+	}
+	p.mu.Unlock()
+	unlock()
+	for _, it := range refused {
+		p.log.Warn("a client registered while the database was away is not listed: another client holds its id",
+			"org", it.c.OrganizationID, "conn", it.c.ConnectionID, "err", it.res.conflictError(it.c))
+	}
+	return written, nil
 }
 
 // OpenPool connects to PostgreSQL with connString (a URL or key=value
