@@ -161,12 +161,40 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 func (p *Postgres) Close(ctx context.Context) error {
 	p.closeOnce.Do(func() { close(p.stop) })
 	<-p.done
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	if _, err := p.pool.Exec(ctx, `DELETE FROM instances WHERE instance_id = $1`, p.opts.InstanceID); err != nil {
+	err := p.removeInstance(ctx, p.pool)
+	if err != nil && isOutage(err) && ctx.Err() == nil {
+		// Right after an outage the pool may hand out a connection
+		// that died with it and that it has not noticed yet: one of
+		// its own does not.
+		err = p.removeInstanceFresh(ctx)
+	}
+	if err != nil {
 		return fmt.Errorf("registry: remove instance: %w", err)
 	}
 	return nil
+}
+
+func (p *Postgres) removeInstance(ctx context.Context, db interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}) error {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	_, err := db.Exec(ctx, `DELETE FROM instances WHERE instance_id = $1`, p.opts.InstanceID)
+	return err
+}
+
+// removeInstanceFresh is removeInstance on a new connection outside the
+// pool.
+func (p *Postgres) removeInstanceFresh(ctx context.Context) error {
+	cctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(cctx, p.pool.Config().ConnConfig)
+	if err != nil {
+		return err
+	}
+	err = p.removeInstance(ctx, conn)
+	_ = conn.Close(cctx) // the delete's outcome is what counts
+	return err
 }
 
 func (p *Postgres) stripe(k key) *sync.Mutex {

@@ -70,3 +70,30 @@ func TestPostgresRecoveryOfManyClients(t *testing.T) {
 		t.Fatalf("%d register events, want %d", n, before+during)
 	}
 }
+
+// TestPostgresCloseAfterOutage closes the registry right after the
+// database came back, while its pool still holds connections that died
+// with the outage: the instance's rows are removed all the same.
+func TestPostgresCloseAfterOutage(t *testing.T) {
+	pool, conn := migratedPool(t)
+	ctx := context.Background()
+	px, viaProxy := pgtest.StartProxy(t, conn)
+	r, err := registry.NewPostgres(ctx, openPool(t, viaProxy), registry.PostgresOptions{
+		InstanceID: "closing", HeartbeatInterval: time.Hour, Timeout: 2 * time.Second, Logger: testLogger(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Register(ctx, pgAgent("a", orgA, "conn-a")); err != nil {
+		t.Fatal(err)
+	}
+	px.Cut()
+	px.Restore()
+	if err := r.Close(ctx); err != nil {
+		t.Fatalf("close right after the outage: %v", err)
+	}
+	if n := count(t, pool, `SELECT count(*) FROM clients WHERE instance_id = 'closing'`) +
+		count(t, pool, `SELECT count(*) FROM instances WHERE instance_id = 'closing'`); n != 0 {
+		t.Fatalf("%d rows of the closed instance left", n)
+	}
+}
