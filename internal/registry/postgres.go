@@ -49,6 +49,14 @@ type PostgresOptions struct {
 	History bool
 	// Logger hears of outages and recoveries; nil discards.
 	Logger *slog.Logger
+	// OnAgentsChanged, when set, hears of the organizations whose agents
+	// changed without a Register or Unregister of this instance: the
+	// agents of a dead instance reaped, entries written back after an
+	// outage, so that their portals can be sent a fresh list. It is
+	// called on a goroutine of its own, outside the registry's locks and
+	// only while the list answers, one call at a time: organizations
+	// that change meanwhile go into the next call.
+	OnAgentsChanged func(organizationIDs []string)
 }
 
 // Postgres is a Registry in PostgreSQL that several instances share.
@@ -70,10 +78,12 @@ type Postgres struct {
 	// local entry and its row are only changed under its stripe.
 	stripes [64]sync.Mutex
 
-	stop      chan struct{}
-	done      chan struct{} // closed when the heartbeat loop ends
-	wake      chan struct{} // a write failed: probe soon
-	closeOnce sync.Once
+	stop       chan struct{}
+	done       chan struct{} // closed when the heartbeat loop ends
+	notifyDone chan struct{} // closed when the notify loop ends
+	wake       chan struct{} // a write failed: probe soon
+	notify     chan struct{} // changed has organizations to report
+	closeOnce  sync.Once
 
 	mu      sync.Mutex
 	local   map[key]*entry
@@ -86,6 +96,9 @@ type Postgres struct {
 	dirty     bool
 	failures  uint64 // write failures so far, to tell if a resync saw one
 	downSince time.Time
+	// changed: organizations whose agents changed, not yet reported to
+	// OnAgentsChanged.
+	changed map[string]struct{}
 }
 
 type entry struct {
@@ -134,15 +147,18 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Postgres{
-		pool:    pool,
-		opts:    o,
-		log:     log,
-		seed:    maphash.MakeSeed(),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
-		wake:    make(chan struct{}, 1),
-		local:   map[key]*entry{},
-		pending: map[pendingKey]pendingUnregister{},
+		pool:       pool,
+		opts:       o,
+		log:        log,
+		seed:       maphash.MakeSeed(),
+		stop:       make(chan struct{}),
+		done:       make(chan struct{}),
+		wake:       make(chan struct{}, 1),
+		local:      map[key]*entry{},
+		pending:    map[pendingKey]pendingUnregister{},
+		changed:    map[string]struct{}{},
+		notifyDone: make(chan struct{}),
+		notify:     make(chan struct{}, 1),
 	}
 	sctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
@@ -153,6 +169,11 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 		return nil, fmt.Errorf("registry: first heartbeat: %w", err)
 	}
 	go p.run(ctx)
+	if o.OnAgentsChanged != nil {
+		go p.notifyLoop(ctx)
+	} else {
+		close(p.notifyDone)
+	}
 	return p, nil
 }
 
@@ -161,6 +182,7 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 func (p *Postgres) Close(ctx context.Context) error {
 	p.closeOnce.Do(func() { close(p.stop) })
 	<-p.done
+	<-p.notifyDone
 	err := p.removeInstance(ctx, p.pool)
 	if err != nil && isOutage(err) && ctx.Err() == nil {
 		// Right after an outage the pool may hand out a connection
@@ -328,6 +350,10 @@ func (p *Postgres) Touch(ctx context.Context, clientID, organizationID, connecti
 			p.mu.Unlock()
 			if res.conflict {
 				return fmt.Errorf("touch: %w", res.conflictError(c))
+			}
+			if res.changed && c.Type == wire.ClientTypeAgent {
+				p.agentsChanged(c.OrganizationID)
+				p.reportChanges()
 			}
 		}
 	}
@@ -646,13 +672,21 @@ func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) (up
 // records the unregister.
 func (p *Postgres) remove(ctx context.Context, c Client, t Traffic) error {
 	b := &pgx.Batch{}
-	p.queueRemove(b, c, t)
+	p.queueRemove(b, c, t, nil)
 	return p.send(ctx, b)
 }
 
-func (p *Postgres) queueRemove(b *pgx.Batch, c Client, t Traffic) {
-	b.Queue(`DELETE FROM clients WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
-		c.ClientID, c.OrganizationID, c.ConnectionID)
+// queueRemove queues a remove; agentGone, when not nil, is set once the
+// batch is read if an agent's row was deleted.
+func (p *Postgres) queueRemove(b *pgx.Batch, c Client, t Traffic, agentGone *bool) {
+	q := b.Queue(`WITH gone AS (
+			DELETE FROM clients WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3
+			RETURNING client_type)
+		SELECT EXISTS (SELECT 1 FROM gone WHERE client_type = $4)`,
+		c.ClientID, c.OrganizationID, c.ConnectionID, int(wire.ClientTypeAgent))
+	if agentGone != nil {
+		q.QueryRow(func(row pgx.Row) error { return row.Scan(agentGone) })
+	}
 	if p.opts.History {
 		queueHistory(b, "unregister", c, &t)
 	}
@@ -766,22 +800,91 @@ func (p *Postgres) queueHeartbeat(b *pgx.Batch) {
 // (their clients go with them). Several instances reaping at once delete
 // the same rows; that is harmless.
 func (p *Postgres) beat(ctx context.Context) {
-	bctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer p.reportChanges()
 	b := &pgx.Batch{}
 	p.queueHeartbeat(b)
-	b.Queue(`DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second' AND instance_id <> $2`,
-		p.opts.InstanceTimeout.Seconds(), p.opts.InstanceID)
-	err := p.pool.SendBatch(bctx, b).Close()
-	cancel()
-	if err != nil {
+	// The final SELECT sees the clients as they were before the delete
+	// cascaded to them. An instance that finds the rows deleted by
+	// another reaper meanwhile reports nothing.
+	var reaped []string
+	b.Queue(`WITH dead AS (
+			DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second' AND instance_id <> $2
+			RETURNING instance_id)
+		SELECT DISTINCT c.organization_id FROM clients c JOIN dead d ON d.instance_id = c.instance_id
+		WHERE c.client_type = $3`,
+		p.opts.InstanceTimeout.Seconds(), p.opts.InstanceID, int(wire.ClientTypeAgent),
+	).Query(func(rows pgx.Rows) error {
+		var err error
+		reaped, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		return err
+	})
+	if err := p.send(ctx, b); err != nil {
 		_ = p.failed("heartbeat", err) // failed records it; there is no caller to tell
 		return
 	}
+	p.agentsChanged(reaped...)
 	p.mu.Lock()
 	need := p.writesDown || p.dirty
 	p.mu.Unlock()
 	if need {
 		p.resync(ctx)
+	}
+}
+
+// agentsChanged records organizations to report to OnAgentsChanged.
+func (p *Postgres) agentsChanged(orgs ...string) {
+	if p.opts.OnAgentsChanged == nil || len(orgs) == 0 {
+		return
+	}
+	p.mu.Lock()
+	for _, o := range orgs {
+		p.changed[o] = struct{}{}
+	}
+	p.mu.Unlock()
+}
+
+// reportChanges wakes the notify loop, if there is anything to report.
+func (p *Postgres) reportChanges() {
+	p.mu.Lock()
+	n := len(p.changed)
+	p.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	select {
+	case p.notify <- struct{}{}:
+	default: // already awake
+	}
+}
+
+// notifyLoop calls OnAgentsChanged with the organizations recorded, once
+// the list answers: the callback is expected to list their agents.
+func (p *Postgres) notifyLoop(ctx context.Context) {
+	defer close(p.notifyDone)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.stop:
+			return
+		case <-p.notify:
+		}
+		p.mu.Lock()
+		if p.listDown {
+			// Kept for the heartbeat that opens the list.
+			p.mu.Unlock()
+			continue
+		}
+		orgs := make([]string, 0, len(p.changed))
+		for o := range p.changed {
+			orgs = append(orgs, o)
+		}
+		clear(p.changed)
+		p.mu.Unlock()
+		if len(orgs) > 0 {
+			slices.Sort(orgs)
+			p.opts.OnAgentsChanged(orgs)
+		}
 	}
 }
 
@@ -866,8 +969,9 @@ func (p *Postgres) removePending(ctx context.Context, pks []pendingKey) (int, er
 		return 0, nil
 	}
 	b := &pgx.Batch{}
-	for _, u := range us {
-		p.queueRemove(b, u.c, u.traffic)
+	gone := make([]bool, len(us))
+	for i, u := range us {
+		p.queueRemove(b, u.c, u.traffic, &gone[i])
 	}
 	if err := p.send(ctx, b); err != nil {
 		// The stripes kept these keys' unregisters from being
@@ -878,6 +982,11 @@ func (p *Postgres) removePending(ctx context.Context, pks []pendingKey) (int, er
 		}
 		p.mu.Unlock()
 		return 0, err
+	}
+	for i, u := range us {
+		if gone[i] {
+			p.agentsChanged(u.c.OrganizationID)
+		}
 	}
 	return len(us), nil
 }
@@ -931,6 +1040,11 @@ func (p *Postgres) writeBack(ctx context.Context, keys []key) (int, error) {
 	}
 	p.mu.Unlock()
 	unlock()
+	for _, it := range items {
+		if it.res.changed && it.c.Type == wire.ClientTypeAgent {
+			p.agentsChanged(it.c.OrganizationID)
+		}
+	}
 	for _, it := range refused {
 		p.log.Warn("a client registered while the database was away is not listed: another client holds its id",
 			"org", it.c.OrganizationID, "conn", it.c.ConnectionID, "err", it.res.conflictError(it.c))
