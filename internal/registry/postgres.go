@@ -297,7 +297,8 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !res.written {
-		// The stripe kept the key's local entry as this call left it.
+		// Under the stripe nothing else changed the key's local
+		// entry: the previous one is put back.
 		if old != nil {
 			p.local[k] = old
 		} else {
