@@ -8,6 +8,7 @@ import (
 	"os/signal"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,6 +39,21 @@ type backends struct {
 	pg       *registry.Postgres
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
+	// agentsChanged hears of the organizations whose agents the registry
+	// or the cleanup changed; set once the server exists.
+	agentsChanged atomic.Pointer[func(organizationIDs []string)]
+}
+
+// onAgentsChanged sets what hears of the organizations whose agents
+// changed without a connection of this instance saying so.
+func (b *backends) onAgentsChanged(f func(organizationIDs []string)) {
+	b.agentsChanged.Store(&f)
+}
+
+func (b *backends) reportAgentsChanged(orgs []string) {
+	if f := b.agentsChanged.Load(); f != nil {
+		(*f)(orgs)
+	}
 }
 
 // openBackends connects to the database when the settings call for it.
@@ -95,6 +111,7 @@ func openBackends(ctx context.Context, cfg *config.Config, log *slog.Logger) (*b
 			Timeout:           cfg.DatabaseTimeout,
 			History:           !cfg.DisableDatabaseClientHistory,
 			Logger:            log,
+			OnAgentsChanged:   b.reportAgentsChanged,
 		})
 		if err != nil {
 			return nil, err
@@ -111,7 +128,7 @@ func openBackends(ctx context.Context, cfg *config.Config, log *slog.Logger) (*b
 	}
 	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	b.stop = cancel
-	b.wg.Go(func() { cleanupLoop(cctx, pool, cfg, log) })
+	b.wg.Go(func() { cleanupLoop(cctx, pool, cfg, log, b.reportAgentsChanged) })
 	ok = true
 	return b, nil
 }
@@ -148,8 +165,9 @@ func (b *backends) close(log *slog.Logger) {
 	}
 }
 
-// cleanupLoop purges stale rows now and then every cleanupInterval.
-func cleanupLoop(ctx context.Context, pool *pgxpool.Pool, cfg *config.Config, log *slog.Logger) {
+// cleanupLoop purges stale rows now and then every cleanupInterval, and
+// tells agentsChanged whose agents it removed.
+func cleanupLoop(ctx context.Context, pool *pgxpool.Pool, cfg *config.Config, log *slog.Logger, agentsChanged func([]string)) {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -175,6 +193,9 @@ func cleanupLoop(ctx context.Context, pool *pgxpool.Pool, cfg *config.Config, lo
 		default:
 			log.Info("database cleanup", "clients", res.Clients, "instances", res.Instances,
 				"history", res.History, "statistics", res.Statistics)
+			if len(res.AgentOrganizations) > 0 {
+				agentsChanged(res.AgentOrganizations)
+			}
 		}
 		t.Reset(cleanupInterval)
 	}

@@ -122,6 +122,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	be.onAgentsChanged(srv.AgentsChanged)
 	if nb != nil {
 		if err := nb.Attach(srv); err != nil {
 			return fmt.Errorf("serve the instance on the bus: %w", err)

@@ -157,3 +157,44 @@ func (w *testWriter) stop() {
 	w.done = true
 	w.mu.Unlock()
 }
+
+// logRecorder is a logger that logs through t.Log and counts the
+// messages, so that a test can tell what the registry reported.
+type logRecorder struct {
+	slog.Handler
+	mu   *sync.Mutex
+	msgs *[]string
+}
+
+func recordLogs(t *testing.T) (*slog.Logger, *logRecorder) {
+	r := &logRecorder{Handler: testLogger(t).Handler(), mu: &sync.Mutex{}, msgs: new([]string)}
+	return slog.New(r), r
+}
+
+func (r *logRecorder) Handle(ctx context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	*r.msgs = append(*r.msgs, rec.Message)
+	r.mu.Unlock()
+	return r.Handler.Handle(ctx, rec)
+}
+
+func (r *logRecorder) WithAttrs(as []slog.Attr) slog.Handler {
+	return &logRecorder{Handler: r.Handler.WithAttrs(as), mu: r.mu, msgs: r.msgs}
+}
+
+func (r *logRecorder) WithGroup(name string) slog.Handler {
+	return &logRecorder{Handler: r.Handler.WithGroup(name), mu: r.mu, msgs: r.msgs}
+}
+
+// count returns how many messages so far contain s.
+func (r *logRecorder) count(s string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, m := range *r.msgs {
+		if strings.Contains(m, s) {
+			n++
+		}
+	}
+	return n
+}

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -62,6 +63,8 @@ func startInstance(t *testing.T, conn, id string) *instance {
 	t.Cleanup(kill)
 	inst := &instance{t: t, id: id, url: "wss://" + id + ".example", pool: pool, stats: stats.New(), kill: kill}
 	log := testLogger(t).With("instance", id)
+	// The server is made after the registry, as serve does.
+	var agentsChanged atomic.Pointer[func([]string)]
 	reg, err := registry.NewPostgres(kctx, pool, registry.PostgresOptions{
 		InstanceID:        id,
 		PublicURL:         inst.url,
@@ -70,6 +73,11 @@ func startInstance(t *testing.T, conn, id string) *instance {
 		Timeout:           time.Second,
 		History:           true,
 		Logger:            log,
+		OnAgentsChanged: func(orgs []string) {
+			if f := agentsChanged.Load(); f != nil {
+				(*f)(orgs)
+			}
+		},
 	})
 	if err != nil {
 		t.Fatalf("registry of %s: %v", id, err)
@@ -114,6 +122,8 @@ func startInstance(t *testing.T, conn, id string) *instance {
 		t.Fatal(err)
 	}
 	inst.srv = srv
+	f := srv.AgentsChanged
+	agentsChanged.Store(&f)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -283,6 +293,33 @@ func TestKilledInstance(t *testing.T) {
 	})
 	if n := count(t, a.pool, `SELECT count(*) FROM instances WHERE instance_id = $1`, a.id); n != 1 {
 		t.Fatal("the live instance reaped itself")
+	}
+}
+
+// TestKilledInstancePushesList kills an instance: the portal on the
+// instance that reaps it is sent a list without the killed instance's
+// agent, without asking.
+func TestKilledInstancePushesList(t *testing.T) {
+	_, conn := migratedPool(t)
+	a := startInstance(t, conn, "instance-a")
+	b := startInstance(t, conn, "instance-b")
+
+	// The portal comes last, so that it is pushed no list before the
+	// kill.
+	agentA := a.agent(2, agentToken2)
+	agentB := b.agent(1, agentToken1)
+	portalA := a.portal()
+	both := sortedIDs(agentA, agentB)
+	waitFor(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
+
+	b.kill()
+	env := expect(t, portalA, wire.TypeList, "")
+	var regs []wire.ClientRegistration
+	if err := env.DecodePayload(&regs); err != nil {
+		t.Fatalf("pushed list %s: %v", env.Payload, err)
+	}
+	if len(regs) != 1 || regs[0].ClientID != agentA.ClientID {
+		t.Fatalf("pushed list %+v, want only %s", regs, agentA.ClientID)
 	}
 }
 

@@ -37,13 +37,21 @@ func NewMemory(timeout time.Duration, now func() time.Time) *Memory {
 	return &Memory{timeout: timeout, now: now, clients: map[key]Client{}}
 }
 
-// Register adds or replaces the entry.
+// Register adds or replaces the entry, unless a fresh entry under the
+// key is another client's (ErrConflict).
 func (m *Memory) Register(_ context.Context, c Client) error {
 	now := m.now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	k := key{c.ClientID, c.OrganizationID}
-	if old, ok := m.clients[k]; ok && !old.FirstSeen.IsZero() {
+	old, ok := m.clients[k]
+	if ok && !sameClient(old, c) {
+		if old.LastUpdated.After(now.Add(-m.timeout)) {
+			return conflict(old, c)
+		}
+		ok = false // a stale entry of another client: this one is new
+	}
+	if ok && !old.FirstSeen.IsZero() {
 		c.FirstSeen = old.FirstSeen
 	} else {
 		c.FirstSeen = now

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -48,6 +49,14 @@ type PostgresOptions struct {
 	History bool
 	// Logger hears of outages and recoveries; nil discards.
 	Logger *slog.Logger
+	// OnAgentsChanged, when set, hears of the organizations whose agents
+	// changed without a Register or Unregister of this instance: the
+	// agents of a dead instance reaped, entries written back after an
+	// outage, so that their portals can be sent a fresh list. It is
+	// called on a goroutine of its own, outside the registry's locks and
+	// only while the list answers, one call at a time: organizations
+	// that change meanwhile go into the next call.
+	OnAgentsChanged func(organizationIDs []string)
 }
 
 // Postgres is a Registry in PostgreSQL that several instances share.
@@ -69,10 +78,12 @@ type Postgres struct {
 	// local entry and its row are only changed under its stripe.
 	stripes [64]sync.Mutex
 
-	stop      chan struct{}
-	done      chan struct{} // closed when the heartbeat loop ends
-	wake      chan struct{} // a write failed: probe soon
-	closeOnce sync.Once
+	stop       chan struct{}
+	done       chan struct{} // closed when the heartbeat loop ends
+	notifyDone chan struct{} // closed when the notify loop ends
+	wake       chan struct{} // a write failed: probe soon
+	notify     chan struct{} // changed has organizations to report
+	closeOnce  sync.Once
 
 	mu      sync.Mutex
 	local   map[key]*entry
@@ -85,6 +96,9 @@ type Postgres struct {
 	dirty     bool
 	failures  uint64 // write failures so far, to tell if a resync saw one
 	downSince time.Time
+	// changed: organizations whose agents changed, not yet reported to
+	// OnAgentsChanged.
+	changed map[string]struct{}
 }
 
 type entry struct {
@@ -133,15 +147,18 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Postgres{
-		pool:    pool,
-		opts:    o,
-		log:     log,
-		seed:    maphash.MakeSeed(),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
-		wake:    make(chan struct{}, 1),
-		local:   map[key]*entry{},
-		pending: map[pendingKey]pendingUnregister{},
+		pool:       pool,
+		opts:       o,
+		log:        log,
+		seed:       maphash.MakeSeed(),
+		stop:       make(chan struct{}),
+		done:       make(chan struct{}),
+		wake:       make(chan struct{}, 1),
+		local:      map[key]*entry{},
+		pending:    map[pendingKey]pendingUnregister{},
+		changed:    map[string]struct{}{},
+		notifyDone: make(chan struct{}),
+		notify:     make(chan struct{}, 1),
 	}
 	sctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
@@ -152,6 +169,11 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 		return nil, fmt.Errorf("registry: first heartbeat: %w", err)
 	}
 	go p.run(ctx)
+	if o.OnAgentsChanged != nil {
+		go p.notifyLoop(ctx)
+	} else {
+		close(p.notifyDone)
+	}
 	return p, nil
 }
 
@@ -160,26 +182,82 @@ func NewPostgres(ctx context.Context, pool *pgxpool.Pool, o PostgresOptions) (*P
 func (p *Postgres) Close(ctx context.Context) error {
 	p.closeOnce.Do(func() { close(p.stop) })
 	<-p.done
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	if _, err := p.pool.Exec(ctx, `DELETE FROM instances WHERE instance_id = $1`, p.opts.InstanceID); err != nil {
+	<-p.notifyDone
+	err := p.removeInstance(ctx, p.pool)
+	if err != nil && isOutage(err) && ctx.Err() == nil {
+		// Right after an outage the pool may hand out a connection
+		// that died with it and that it has not noticed yet: one of
+		// its own does not.
+		err = p.removeInstanceFresh(ctx)
+	}
+	if err != nil {
 		return fmt.Errorf("registry: remove instance: %w", err)
 	}
 	return nil
 }
 
+func (p *Postgres) removeInstance(ctx context.Context, db interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}) error {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	_, err := db.Exec(ctx, `DELETE FROM instances WHERE instance_id = $1`, p.opts.InstanceID)
+	return err
+}
+
+// removeInstanceFresh is removeInstance on a new connection outside the
+// pool.
+func (p *Postgres) removeInstanceFresh(ctx context.Context) error {
+	cctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(cctx, p.pool.Config().ConnConfig)
+	if err != nil {
+		return err
+	}
+	err = p.removeInstance(ctx, conn)
+	_ = conn.Close(cctx) // the delete's outcome is what counts
+	return err
+}
+
 func (p *Postgres) stripe(k key) *sync.Mutex {
+	return &p.stripes[p.stripeIndex(k)]
+}
+
+func (p *Postgres) stripeIndex(k key) int {
 	var h maphash.Hash
 	h.SetSeed(p.seed)
 	h.WriteString(k.client)
 	h.WriteByte(0)
 	h.WriteString(k.org)
-	return &p.stripes[h.Sum64()%uint64(len(p.stripes))]
+	return int(h.Sum64() % uint64(len(p.stripes)))
 }
 
-// Register adds or replaces the entry. When the database cannot be
-// written the entry is kept locally, written once the database is back,
-// and the error wraps ErrUnavailable.
+// lockStripes locks the stripes of keys, in index order so that two
+// callers cannot deadlock, and returns the unlock.
+func (p *Postgres) lockStripes(keys []key) (unlock func()) {
+	var held [len(p.stripes)]bool
+	for _, k := range keys {
+		held[p.stripeIndex(k)] = true
+	}
+	for i, h := range held {
+		if h {
+			p.stripes[i].Lock()
+		}
+	}
+	return func() {
+		for i, h := range held {
+			if h {
+				p.stripes[i].Unlock()
+			}
+		}
+	}
+}
+
+// Register adds or replaces the entry, unless a fresh entry of another
+// client holds the key (ErrConflict): a row is free to take when it is
+// stale or its instance is dead. When the database cannot be written the
+// entry is kept locally, written once the database is back, and the error
+// wraps ErrUnavailable.
 func (p *Postgres) Register(ctx context.Context, c Client) error {
 	if c.InstanceID == "" {
 		c.InstanceID = p.opts.InstanceID
@@ -190,9 +268,18 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 	defer l.Unlock()
 	now := time.Now()
 	p.mu.Lock()
-	if old := p.local[k]; old != nil {
+	old := p.local[k]
+	switch {
+	case old == nil:
+		c.FirstSeen = now
+	case sameClient(old.c, c):
 		c.FirstSeen = old.c.FirstSeen
-	} else {
+	case now.Sub(old.c.LastUpdated) < p.opts.ClientTimeout:
+		// Another client on this instance: known without asking,
+		// even while the database is away.
+		p.mu.Unlock()
+		return conflict(old.c, c)
+	default:
 		c.FirstSeen = now
 	}
 	c.LastUpdated = now
@@ -203,12 +290,23 @@ func (p *Postgres) Register(ctx context.Context, c Client) error {
 	if down {
 		return errDown
 	}
-	if err := p.upsert(ctx, c, p.opts.History, false); err != nil {
+	res, err := p.upsert(ctx, c, p.opts.History, false)
+	if err != nil {
 		return p.failed("register", err)
 	}
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !res.written {
+		// Under the stripe nothing else changed the key's local
+		// entry: the previous one is put back.
+		if old != nil {
+			p.local[k] = old
+		} else {
+			delete(p.local, k)
+		}
+		return res.conflictError(c)
+	}
 	e.historyPending = false
-	p.mu.Unlock()
 	return nil
 }
 
@@ -239,11 +337,25 @@ func (p *Postgres) Touch(ctx context.Context, clientID, organizationID, connecti
 		WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
 		clientID, organizationID, connectionID)
 	if err == nil && tag.RowsAffected() == 0 {
-		err = p.upsert(ctx, c, hist, true)
+		var res upsertResult
+		res, err = p.upsert(ctx, c, hist, true)
 		if err == nil {
 			p.mu.Lock()
-			e.historyPending = false
+			if res.conflict {
+				// Not this connection's to take back: it stays
+				// unlisted, and its pings stop trying.
+				delete(p.local, k)
+			} else if res.written {
+				e.historyPending = false
+			}
 			p.mu.Unlock()
+			if res.conflict {
+				return fmt.Errorf("touch: %w", res.conflictError(c))
+			}
+			if res.changed && c.Type == wire.ClientTypeAgent {
+				p.agentsChanged(c.OrganizationID)
+				p.reportChanges()
+			}
 		}
 	}
 	if err != nil {
@@ -444,51 +556,147 @@ func (p *Postgres) listable() error {
 // unreachable: they do not wait for it.
 var errDown = fmt.Errorf("%w: database unreachable; this instance's clients are kept in memory until it is back", ErrUnavailable)
 
-// upsert writes an entry, and its register event when hist is set. A
-// register replaces whatever row the client had; a reclaim (writing an
+// upsertResult is what an upsert did.
+type upsertResult struct {
+	// written: the row is the entry's now.
+	written bool
+	// conflict: a fresh row of another client holds the key (a
+	// written=false without it is a reclaim that found the client
+	// connected to another live instance).
+	conflict bool
+	// changed: written where the row was not this connection's fresh
+	// one, so that the lists of its organization change.
+	changed bool
+	// The row found, if any.
+	oldType           *int16
+	oldRegID, oldConn *string
+}
+
+// old returns the row found; it is set when oldType is.
+func (r upsertResult) old() Client {
+	return Client{Type: wire.ClientType(*r.oldType), MachineRegistrationID: *r.oldRegID, ConnectionID: *r.oldConn}
+}
+
+func (r upsertResult) conflictError(c Client) error {
+	if r.oldType == nil {
+		// Taken between this statement's snapshot and its insert.
+		return fmt.Errorf("register %s %s: %w", c.Type, c.ClientID, ErrConflict)
+	}
+	return conflict(r.old(), c)
+}
+
+// upsertSQL writes an entry and, when $13 is set, its register event.
+//
+// A row is free to take when it is stale or its instance is dead.
+// Otherwise only the same client (type and registered agent id, or the
+// same connection authenticating again) may replace it: a register
+// replaces whatever row the client had, while a reclaim ($10: writing an
 // entry back) leaves alone a row that another live instance holds, since
 // the client has connected there since and this connection is on its way
 // out.
-func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) error {
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	b := &pgx.Batch{}
-	b.Queue(`INSERT INTO clients (client_id, organization_id, client_type, instance_id, connection_id,
-			machine_server_uri, client_version, machine_registration_id, client_ip, first_seen, last_updated)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), now())
-		ON CONFLICT (client_id, organization_id) DO UPDATE SET
-			client_type = EXCLUDED.client_type,
-			instance_id = EXCLUDED.instance_id,
-			connection_id = EXCLUDED.connection_id,
-			machine_server_uri = EXCLUDED.machine_server_uri,
-			client_version = EXCLUDED.client_version,
-			machine_registration_id = EXCLUDED.machine_registration_id,
-			client_ip = EXCLUDED.client_ip,
-			last_updated = now()
-		WHERE NOT $10 OR clients.instance_id = EXCLUDED.instance_id OR NOT EXISTS (
-			SELECT 1 FROM instances i WHERE i.instance_id = clients.instance_id
-			AND i.heartbeat > now() - $11 * interval '1 second')`,
+//
+// The final SELECT reads the row as it was before the statement (all
+// parts of one statement share its snapshot), to tell a conflict and a
+// change apart.
+const upsertSQL = `WITH up AS (
+	INSERT INTO clients (client_id, organization_id, client_type, instance_id, connection_id,
+		machine_server_uri, client_version, machine_registration_id, client_ip, first_seen, last_updated)
+	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), now())
+	ON CONFLICT (client_id, organization_id) DO UPDATE SET
+		first_seen = CASE WHEN clients.connection_id = EXCLUDED.connection_id
+			OR clients.client_type = EXCLUDED.client_type
+				AND clients.machine_registration_id = EXCLUDED.machine_registration_id
+			THEN clients.first_seen ELSE now() END,
+		client_type = EXCLUDED.client_type,
+		instance_id = EXCLUDED.instance_id,
+		connection_id = EXCLUDED.connection_id,
+		machine_server_uri = EXCLUDED.machine_server_uri,
+		client_version = EXCLUDED.client_version,
+		machine_registration_id = EXCLUDED.machine_registration_id,
+		client_ip = EXCLUDED.client_ip,
+		last_updated = now()
+	WHERE clients.last_updated <= now() - $11 * interval '1 second'
+		OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = clients.instance_id
+			AND i.heartbeat > now() - $12 * interval '1 second')
+		OR (clients.connection_id = EXCLUDED.connection_id
+			OR clients.client_type = EXCLUDED.client_type
+				AND clients.machine_registration_id = EXCLUDED.machine_registration_id)
+			AND (NOT $10 OR clients.instance_id = EXCLUDED.instance_id)
+	RETURNING 1
+), hist AS (
+	INSERT INTO client_history (event, client_id, organization_id, client_type, instance_id,
+		connection_id, client_ip, client_version, machine_registration_id)
+	SELECT 'register', $1, $2, $3, $4, $5, $9, $7, $8
+	WHERE $13 AND EXISTS (SELECT 1 FROM up)
+)
+SELECT EXISTS (SELECT 1 FROM up), o.client_type, o.machine_registration_id, o.connection_id,
+	coalesce(o.instance_id = $4 AND o.connection_id = $5
+		AND o.last_updated > now() - $11 * interval '1 second', false)
+FROM (SELECT) AS one LEFT JOIN clients o ON o.client_id = $1 AND o.organization_id = $2`
+
+// queueUpsert queues the write of an entry (see upsertSQL); res is set
+// once the batch is read.
+func (p *Postgres) queueUpsert(b *pgx.Batch, c Client, hist, reclaim bool, res *upsertResult) {
+	b.Queue(upsertSQL,
 		c.ClientID, c.OrganizationID, int(c.Type), c.InstanceID, c.ConnectionID,
 		c.MachineServerURI, c.ClientVersion, c.MachineRegistrationID, c.ClientIP,
-		reclaim, p.opts.InstanceTimeout.Seconds())
-	if hist {
-		queueHistory(b, "register", c, nil)
+		reclaim, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds(), hist,
+	).QueryRow(func(row pgx.Row) error {
+		var wasOurs bool
+		if err := row.Scan(&res.written, &res.oldType, &res.oldRegID, &res.oldConn, &wasOurs); err != nil {
+			return err
+		}
+		res.changed = res.written && !wasOurs
+		switch {
+		case res.written:
+		case !reclaim:
+			res.conflict = true // a register gives way to nothing else
+		case res.oldType != nil && res.oldRegID != nil && res.oldConn != nil:
+			res.conflict = !sameClient(res.old(), c)
+		}
+		return nil
+	})
+}
+
+// upsert writes an entry, and its register event when hist is set.
+func (p *Postgres) upsert(ctx context.Context, c Client, hist, reclaim bool) (upsertResult, error) {
+	var res upsertResult
+	b := &pgx.Batch{}
+	p.queueUpsert(b, c, hist, reclaim, &res)
+	if err := p.send(ctx, b); err != nil {
+		return upsertResult{}, err
 	}
-	// A batch runs as one implicit transaction.
-	return p.pool.SendBatch(ctx, b).Close()
+	return res, nil
 }
 
 // remove deletes the connection's entry, if it still owns the row, and
 // records the unregister.
 func (p *Postgres) remove(ctx context.Context, c Client, t Traffic) error {
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
 	b := &pgx.Batch{}
-	b.Queue(`DELETE FROM clients WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3`,
-		c.ClientID, c.OrganizationID, c.ConnectionID)
+	p.queueRemove(b, c, t, nil)
+	return p.send(ctx, b)
+}
+
+// queueRemove queues a remove; agentGone, when not nil, is set once the
+// batch is read if an agent's row was deleted.
+func (p *Postgres) queueRemove(b *pgx.Batch, c Client, t Traffic, agentGone *bool) {
+	q := b.Queue(`WITH gone AS (
+			DELETE FROM clients WHERE client_id = $1 AND organization_id = $2 AND connection_id = $3
+			RETURNING client_type)
+		SELECT EXISTS (SELECT 1 FROM gone WHERE client_type = $4)`,
+		c.ClientID, c.OrganizationID, c.ConnectionID, int(wire.ClientTypeAgent))
+	if agentGone != nil {
+		q.QueryRow(func(row pgx.Row) error { return row.Scan(agentGone) })
+	}
 	if p.opts.History {
 		queueHistory(b, "unregister", c, &t)
 	}
+}
+
+// send runs a batch, as one implicit transaction, within the timeout.
+func (p *Postgres) send(ctx context.Context, b *pgx.Batch) error {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer cancel()
 	return p.pool.SendBatch(ctx, b).Close()
 }
 
@@ -593,17 +801,29 @@ func (p *Postgres) queueHeartbeat(b *pgx.Batch) {
 // (their clients go with them). Several instances reaping at once delete
 // the same rows; that is harmless.
 func (p *Postgres) beat(ctx context.Context) {
-	bctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
+	defer p.reportChanges()
 	b := &pgx.Batch{}
 	p.queueHeartbeat(b)
-	b.Queue(`DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second' AND instance_id <> $2`,
-		p.opts.InstanceTimeout.Seconds(), p.opts.InstanceID)
-	err := p.pool.SendBatch(bctx, b).Close()
-	cancel()
-	if err != nil {
+	// The final SELECT sees the clients as they were before the delete
+	// cascaded to them. An instance that finds the rows deleted by
+	// another reaper meanwhile reports nothing.
+	var reaped []string
+	b.Queue(`WITH dead AS (
+			DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second' AND instance_id <> $2
+			RETURNING instance_id)
+		SELECT DISTINCT c.organization_id FROM clients c JOIN dead d ON d.instance_id = c.instance_id
+		WHERE c.client_type = $3`,
+		p.opts.InstanceTimeout.Seconds(), p.opts.InstanceID, int(wire.ClientTypeAgent),
+	).Query(func(rows pgx.Rows) error {
+		var err error
+		reaped, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		return err
+	})
+	if err := p.send(ctx, b); err != nil {
 		_ = p.failed("heartbeat", err) // failed records it; there is no caller to tell
 		return
 	}
+	p.agentsChanged(reaped...)
 	p.mu.Lock()
 	need := p.writesDown || p.dirty
 	p.mu.Unlock()
@@ -612,11 +832,74 @@ func (p *Postgres) beat(ctx context.Context) {
 	}
 }
 
+// agentsChanged records organizations to report to OnAgentsChanged.
+func (p *Postgres) agentsChanged(orgs ...string) {
+	if p.opts.OnAgentsChanged == nil || len(orgs) == 0 {
+		return
+	}
+	p.mu.Lock()
+	for _, o := range orgs {
+		p.changed[o] = struct{}{}
+	}
+	p.mu.Unlock()
+}
+
+// reportChanges wakes the notify loop, if there is anything to report.
+func (p *Postgres) reportChanges() {
+	p.mu.Lock()
+	n := len(p.changed)
+	p.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	select {
+	case p.notify <- struct{}{}:
+	default: // already awake
+	}
+}
+
+// notifyLoop calls OnAgentsChanged with the organizations recorded, once
+// the list answers: the callback is expected to list their agents.
+func (p *Postgres) notifyLoop(ctx context.Context) {
+	defer close(p.notifyDone)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.stop:
+			return
+		case <-p.notify:
+		}
+		p.mu.Lock()
+		if p.listDown {
+			// Kept for the heartbeat that opens the list.
+			p.mu.Unlock()
+			continue
+		}
+		orgs := make([]string, 0, len(p.changed))
+		for o := range p.changed {
+			orgs = append(orgs, o)
+		}
+		clear(p.changed)
+		p.mu.Unlock()
+		if len(orgs) > 0 {
+			slices.Sort(orgs)
+			p.opts.OnAgentsChanged(orgs)
+		}
+	}
+}
+
+// resyncChunk is how many unregisters or entries one batch of a resync
+// carries: a batch is one round trip, and holds the stripes of its keys
+// for as long.
+const resyncChunk = 500
+
 // resync applies the unregisters that were missed and writes every local
-// entry again. Writes are let through first, so that the entries added
-// meanwhile are written by their own calls; the list opens only when the
-// resync went through without a failure.
+// entry again, in batches. Writes are let through first, so that the
+// entries added meanwhile are written by their own calls; the list opens
+// only when the resync went through without a failure.
 func (p *Postgres) resync(ctx context.Context) {
+	began := time.Now()
 	p.mu.Lock()
 	start := p.failures
 	p.dirty = false
@@ -633,56 +916,22 @@ func (p *Postgres) resync(ctx context.Context) {
 	}
 	p.mu.Unlock()
 
-	removed := 0
-	for _, pk := range pend {
-		l := p.stripe(pk.key)
-		l.Lock()
-		p.mu.Lock()
-		u, ok := p.pending[pk]
-		delete(p.pending, pk)
-		p.mu.Unlock()
-		var err error
-		if ok {
-			if err = p.remove(ctx, u.c, u.traffic); err != nil {
-				p.mu.Lock()
-				p.pending[pk] = u
-				p.mu.Unlock()
-			} else {
-				removed++
-			}
-		}
-		l.Unlock()
+	removed, written := 0, 0
+	for chunk := range slices.Chunk(pend, resyncChunk) {
+		n, err := p.removePending(ctx, chunk)
 		if err != nil {
 			_ = p.failed("resync unregister", err) // the next heartbeat retries
 			return
 		}
+		removed += n
 	}
-	written := 0
-	for _, k := range keys {
-		l := p.stripe(k)
-		l.Lock()
-		p.mu.Lock()
-		e := p.local[k]
-		var c Client
-		var hist bool
-		if e != nil {
-			c, hist = e.c, e.historyPending
-		}
-		p.mu.Unlock()
-		var err error
-		if e != nil {
-			if err = p.upsert(ctx, c, hist, true); err == nil {
-				written++
-				p.mu.Lock()
-				e.historyPending = false
-				p.mu.Unlock()
-			}
-		}
-		l.Unlock()
+	for chunk := range slices.Chunk(keys, resyncChunk) {
+		n, err := p.writeBack(ctx, chunk)
 		if err != nil {
 			_ = p.failed("resync register", err) // the next heartbeat retries
 			return
 		}
+		written += n
 	}
 	p.mu.Lock()
 	ok := p.failures == start
@@ -692,8 +941,116 @@ func (p *Postgres) resync(ctx context.Context) {
 	p.mu.Unlock()
 	if ok && wasDown {
 		p.log.Info("registry database reachable again; this instance's clients are written back",
-			"clients", written, "unregisters", removed, "outage", time.Since(since).Round(time.Millisecond).String())
+			"clients", written, "unregisters", removed, "outage", time.Since(since).Round(time.Millisecond).String(),
+			"took", time.Since(began).Round(time.Millisecond).String())
 	}
+}
+
+// removePending applies the missed unregisters of pks in one batch, and
+// returns how many there were. Those it could not apply stay pending.
+func (p *Postgres) removePending(ctx context.Context, pks []pendingKey) (int, error) {
+	keys := make([]key, len(pks))
+	for i, pk := range pks {
+		keys[i] = pk.key
+	}
+	unlock := p.lockStripes(keys)
+	defer unlock()
+	p.mu.Lock()
+	taken := make([]pendingKey, 0, len(pks))
+	us := make([]pendingUnregister, 0, len(pks))
+	for _, pk := range pks {
+		if u, ok := p.pending[pk]; ok {
+			delete(p.pending, pk)
+			taken = append(taken, pk)
+			us = append(us, u)
+		}
+	}
+	p.mu.Unlock()
+	if len(us) == 0 {
+		return 0, nil
+	}
+	b := &pgx.Batch{}
+	gone := make([]bool, len(us))
+	for i, u := range us {
+		p.queueRemove(b, u.c, u.traffic, &gone[i])
+	}
+	if err := p.send(ctx, b); err != nil {
+		// The stripes kept these keys' unregisters from being
+		// recorded again meanwhile.
+		p.mu.Lock()
+		for i, pk := range taken {
+			p.pending[pk] = us[i]
+		}
+		p.mu.Unlock()
+		return 0, err
+	}
+	for i, u := range us {
+		if gone[i] {
+			p.agentsChanged(u.c.OrganizationID)
+		}
+	}
+	return len(us), nil
+}
+
+// writeBack writes the local entries of keys in one batch, and returns
+// how many it wrote. An entry that meets a conflict is dropped.
+func (p *Postgres) writeBack(ctx context.Context, keys []key) (int, error) {
+	type item struct {
+		k    key
+		e    *entry
+		c    Client
+		hist bool
+		res  upsertResult
+	}
+	unlock := p.lockStripes(keys)
+	items := make([]item, 0, len(keys))
+	p.mu.Lock()
+	for _, k := range keys {
+		if e := p.local[k]; e != nil {
+			items = append(items, item{k: k, e: e, c: e.c, hist: e.historyPending})
+		}
+	}
+	p.mu.Unlock()
+	if len(items) == 0 {
+		unlock()
+		return 0, nil
+	}
+	b := &pgx.Batch{}
+	for i := range items {
+		p.queueUpsert(b, items[i].c, items[i].hist, true, &items[i].res)
+	}
+	if err := p.send(ctx, b); err != nil {
+		unlock()
+		return 0, err
+	}
+	written := 0
+	var refused []item
+	p.mu.Lock()
+	for _, it := range items {
+		switch {
+		case it.res.conflict:
+			// Another client took the id while this one was only
+			// known here: this one stays unlisted, and nothing
+			// tries again.
+			delete(p.local, it.k)
+			refused = append(refused, it)
+		case it.res.written:
+			written++
+			it.e.historyPending = false
+		}
+	}
+	p.mu.Unlock()
+	unlock()
+	for _, it := range items {
+		if it.res.changed && it.c.Type == wire.ClientTypeAgent {
+			p.agentsChanged(it.c.OrganizationID)
+		}
+	}
+	for _, it := range refused {
+		p.log.Warn("a client registered while the database was away is not listed: another client holds its id",
+			"org", it.c.OrganizationID, "conn", it.c.ConnectionID, "err", it.res.conflictError(it.c))
+	}
+	return written, nil
 }
 
 // OpenPool connects to PostgreSQL with connString (a URL or key=value

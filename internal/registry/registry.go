@@ -6,6 +6,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/machineservice/machineservice/wire"
@@ -45,8 +46,9 @@ func (c Client) Registration() wire.ClientRegistration {
 // use.
 type Registry interface {
 	// Register adds or replaces the entry for (ClientID, OrganizationID).
-	// It fails with ErrConflict when a fresh entry under that key belongs
-	// to a client of another type or another registered agent id.
+	// It fails with ErrConflict when a fresh entry under that key belongs,
+	// on another connection, to a client of another type or another
+	// registered agent id.
 	Register(ctx context.Context, c Client) error
 	// Touch marks the entry as seen now, if the connection still owns it.
 	Touch(ctx context.Context, clientID, organizationID, connectionID string) error
@@ -73,6 +75,23 @@ type Registry interface {
 // organization, by a client of another type or another registered agent:
 // the newcomer is refused rather than allowed to push the other out.
 var ErrConflict = errors.New("client id taken by another client")
+
+// sameClient tells whether two entries under one key describe the same
+// client: a reconnection, or a connection authenticating again, rather
+// than a newcomer claiming its client id.
+func sameClient(a, b Client) bool {
+	return a.ConnectionID == b.ConnectionID ||
+		a.Type == b.Type && a.MachineRegistrationID == b.MachineRegistrationID
+}
+
+// conflict is the error of a register that old's entry refuses.
+func conflict(old, c Client) error {
+	holder := "a portal"
+	if old.Type == wire.ClientTypeAgent {
+		holder = fmt.Sprintf("an agent with registered agent id %q", old.MachineRegistrationID)
+	}
+	return fmt.Errorf("register %s %s: %w: %s", c.Type, c.ClientID, ErrConflict, holder)
+}
 
 // ErrUnavailable means the registry's store cannot be reached.
 var ErrUnavailable = errors.New("registry unavailable")

@@ -3,10 +3,13 @@ package registry
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/machineservice/machineservice/wire"
 )
 
 // DefaultRetention is how long statistics and client history are kept.
@@ -46,6 +49,9 @@ type CleanupResult struct {
 	// Skipped is set when another instance was cleaning up at the time.
 	Skipped                                 bool
 	Clients, Instances, History, Statistics int64
+	// AgentOrganizations are the organizations whose agents were
+	// deleted, in order, so that their portals can be sent a fresh list.
+	AgentOrganizations []string
 }
 
 // Cleanup purges stale entries, dead instances, and history and
@@ -69,17 +75,34 @@ func Cleanup(ctx context.Context, pool *pgxpool.Pool, o CleanupOptions) (Cleanup
 			return nil
 		}
 		stale, keep := o.StaleClients.Seconds(), o.Retention.Seconds()
+		agent := int(wire.ClientTypeAgent)
+		// Each SELECT sees the clients as they were before its delete
+		// (and its cascade).
+		var fromClients, fromInstances []string
+		if err := tx.QueryRow(ctx, `WITH gone AS (
+				DELETE FROM clients WHERE last_updated < now() - $1 * interval '1 second'
+				RETURNING organization_id, client_type)
+			SELECT count(*), coalesce(array_agg(DISTINCT organization_id) FILTER (WHERE client_type = $2), '{}')
+			FROM gone`, stale, agent).Scan(&res.Clients, &fromClients); err != nil {
+			return err
+		}
+		if err := tx.QueryRow(ctx, `WITH dead AS (
+				DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second'
+				RETURNING instance_id)
+			SELECT (SELECT count(*) FROM dead), coalesce((SELECT array_agg(DISTINCT c.organization_id)
+				FROM clients c JOIN dead d ON d.instance_id = c.instance_id WHERE c.client_type = $2), '{}')`,
+			stale, agent).Scan(&res.Instances, &fromInstances); err != nil {
+			return err
+		}
+		res.AgentOrganizations = slices.Compact(slices.Sorted(slices.Values(append(fromClients, fromInstances...))))
 		for _, d := range []struct {
 			n   *int64
 			sql string
-			age float64
 		}{
-			{&res.Clients, `DELETE FROM clients WHERE last_updated < now() - $1 * interval '1 second'`, stale},
-			{&res.Instances, `DELETE FROM instances WHERE heartbeat < now() - $1 * interval '1 second'`, stale},
-			{&res.History, `DELETE FROM client_history WHERE at < now() - $1 * interval '1 second'`, keep},
-			{&res.Statistics, `DELETE FROM statistics WHERE at < now() - $1 * interval '1 second'`, keep},
+			{&res.History, `DELETE FROM client_history WHERE at < now() - $1 * interval '1 second'`},
+			{&res.Statistics, `DELETE FROM statistics WHERE at < now() - $1 * interval '1 second'`},
 		} {
-			tag, err := tx.Exec(ctx, d.sql, d.age)
+			tag, err := tx.Exec(ctx, d.sql, keep)
 			if err != nil {
 				return err
 			}
