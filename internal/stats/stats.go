@@ -230,9 +230,7 @@ func (s *Stats) Run(ctx context.Context, log *slog.Logger, statusEvery, exportEv
 			counters := s.Export()
 			if err := export(ctx, at, counters); err != nil {
 				log.Warn("statistics export failed; counts kept for the next export", "err", err)
-				for c := Counter(0); c < numCounters; c++ {
-					s.counters[c].Add(counters[c.String()])
-				}
+				s.restore(counters)
 			}
 		}
 	}
@@ -248,6 +246,14 @@ func (s *Stats) finalExport(ctx context.Context, log *slog.Logger, export Export
 	counters := s.Export()
 	if err := export(fctx, time.Now(), counters); err != nil {
 		log.Warn("final statistics export failed", append([]any{"err", err}, nonZero(counters)...)...)
+		s.restore(counters) // still readable through Get and Snapshot
+	}
+}
+
+// restore adds counts whose export failed back to the counters.
+func (s *Stats) restore(counters map[string]int64) {
+	for c := Counter(0); c < numCounters; c++ {
+		s.counters[c].Add(counters[c.String()])
 	}
 }
 
