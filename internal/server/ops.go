@@ -121,6 +121,7 @@ type relayTimes struct {
 	mu      sync.Mutex
 	started map[*conn]map[string]time.Time
 	n       int
+	sweptAt time.Time // last sweep of a full table
 }
 
 func (r *relayTimes) start(agent *conn, messageID string, now time.Time) {
@@ -130,6 +131,10 @@ func (r *relayTimes) start(agent *conn, messageID string, now time.Time) {
 		r.started = map[*conn]map[string]time.Time{}
 	}
 	if r.n >= maxRelayTracked {
+		if now.Sub(r.sweptAt) < time.Second {
+			return // swept a moment ago: a full table is not swept per command
+		}
+		r.sweptAt = now
 		for c, m := range r.started {
 			for id, t := range m {
 				if now.Sub(t) > relayTrackAge {
