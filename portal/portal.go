@@ -44,6 +44,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/wsauth"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -254,42 +255,31 @@ func (c *Client) handshake() error {
 	}
 }
 
-// authCloseWait bounds the wait for the close frame that follows a
-// refused authentication and says why it was refused.
-const authCloseWait = 2 * time.Second
-
-// refusal reads the close frame that follows accepted:false. A server
-// that says nothing more within authCloseWait is taken to have refused
-// the token.
+// refusal reads the close frame that follows accepted:false and tells a
+// refused token from an authentication service that is unavailable.
 func (c *Client) refusal() error {
-	_ = c.ws.SetReadDeadline(time.Now().Add(authCloseWait)) // an error shows on the read
-	for {
-		if _, _, err := c.ws.ReadMessage(); err != nil {
-			if refused := closeRefusal(err); refused != nil {
-				return refused
-			}
-			return ErrAuthRejected
-		}
-		// Whatever comes before the close frame does not change the
-		// answer.
-	}
+	return refusalError(wsauth.ReadRefusal(c.ws))
 }
 
-// closeRefusal explains a close frame that ends an authentication: 1013
-// (try again later, "Authentication service unavailable") means the
-// server could not ask its controller; "Authentication failed" means the
-// token was refused. Other errors give nil.
+// closeRefusal explains a close frame that ends an authentication, or
+// gives nil for any other error.
 func closeRefusal(err error) error {
-	var ce *websocket.CloseError
-	switch {
-	case !errors.As(err, &ce):
+	why, ce, ok := wsauth.FromClose(err)
+	if !ok {
 		return nil
-	case ce.Code == websocket.CloseTryAgainLater:
-		return fmt.Errorf("%w: %d %s", ErrAuthUnavailable, ce.Code, ce.Text)
-	case ce.Text == wire.TextAuthenticationFailed:
-		return fmt.Errorf("%w: %d %s", ErrAuthRejected, ce.Code, ce.Text)
 	}
-	return nil
+	return refusalError(why, ce)
+}
+
+func refusalError(why wsauth.Refusal, ce *websocket.CloseError) error {
+	base := ErrAuthRejected
+	if why == wsauth.Unavailable {
+		base = ErrAuthUnavailable
+	}
+	if ce == nil {
+		return base
+	}
+	return fmt.Errorf("%w: %d %s", base, ce.Code, ce.Text)
 }
 
 // keepalive arms the idle timer for the read loop: the read deadline is
