@@ -15,6 +15,7 @@ import (
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/servertest"
+	"github.com/machineservice/machineservice/internal/testlog"
 )
 
 // downController is the test tokens' static controller, except that
@@ -60,7 +61,7 @@ func startWithController(t *testing.T, ctrl controller.Controller) string {
 		KeyExpires:  time.Now().Add(24 * time.Hour),
 		Controller:  ctrl,
 		Registry:    registry.NewMemory(0, nil),
-		Logger:      servertest.Logger(t),
+		Logger:      testlog.New(t),
 		Version:     "test",
 	})
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/servertest"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/portal"
 )
 
@@ -55,7 +56,7 @@ func startWithController(t *testing.T, ctrl controller.Controller) string {
 		KeyExpires:  time.Now().Add(24 * time.Hour),
 		Controller:  ctrl,
 		Registry:    registry.NewMemory(0, nil),
-		Logger:      servertest.Logger(t),
+		Logger:      testlog.New(t),
 		Version:     "test",
 	})
 	if err != nil {

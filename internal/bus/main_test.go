@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"log/slog"
 	"net"
 	"os"
 	"strings"
@@ -23,6 +22,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -98,7 +98,7 @@ func dialBus(t *testing.T, url, pfx, name string, mod func(*bus.NATSOptions)) *b
 		Name:          name,
 		ReconnectMin:  10 * time.Millisecond,
 		ReconnectMax:  100 * time.Millisecond,
-		Logger:        testLogger(t).With("bus", name),
+		Logger:        testlog.New(t).With("bus", name),
 	}
 	if mod != nil {
 		mod(&o)
@@ -160,7 +160,7 @@ func startInstance(t *testing.T, url, pfx, id string, reg registry.Registry, o i
 		Events:      nb,
 		Remote:      nb,
 		Stats:       in.stats,
-		Logger:      testLogger(t).With("instance", id),
+		Logger:      testlog.New(t).With("instance", id),
 		Version:     "test",
 	})
 	if err != nil {
@@ -375,32 +375,4 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// testLogger logs through t.Log while the test runs.
-func testLogger(t *testing.T) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop)
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/portal"
 )
 
@@ -137,7 +138,7 @@ func (c *cluster) startOn(id, conn string) *instance {
 	cfg.PublicURL = "ws://" + l.Addr().String()
 	cfg.ShutdownTimeout = 5 * time.Second
 	cfg.ControlTimeout = 10 * time.Second
-	log := servertest.Logger(t).With("instance", id)
+	log := testlog.New(t).With("instance", id)
 	in := &instance{id: id, base: "http://" + l.Addr().String(), url: cfg.PublicURL, stats: stats.New()}
 
 	ctx := context.Background()

@@ -3,7 +3,6 @@ package protect_test
 import (
 	"context"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -20,6 +19,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -72,9 +72,7 @@ func start(t *testing.T, vars map[string]string) *env {
 	cfg.InstanceID = "test-instance"
 	cfg.ShutdownTimeout = 5 * time.Second
 	e := &env{t: t, stats: stats.New(), clock: &clock{t: time.Now()}}
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop) // runs after the server's shutdown below
-	log := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := testlog.New(t) // its cleanup runs after the server's shutdown below
 	ctx, cancel := context.WithCancel(context.Background())
 	var err error
 	e.guard, err = protect.New(ctx, cfg, protect.Deps{Logger: log, Stats: e.stats, Now: e.clock.Now})
@@ -202,26 +200,4 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// testWriter logs through t.Log until the test ends.
-type testWriter struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testlog"
 )
 
 func TestMain(m *testing.M) {
@@ -86,7 +87,7 @@ func migratedPool(t *testing.T) (*pgxpool.Pool, string) {
 func newPostgres(t *testing.T, pool *pgxpool.Pool, o registry.PostgresOptions) *registry.Postgres {
 	t.Helper()
 	if o.Logger == nil {
-		o.Logger = testLogger(t)
+		o.Logger = testlog.New(t)
 	}
 	r, err := registry.NewPostgres(context.Background(), pool, o)
 	if err != nil {
@@ -130,34 +131,6 @@ func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) 
 	}
 }
 
-// testLogger logs through t.Log while the test runs.
-func testLogger(t *testing.T) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop)
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
-}
-
 // logRecorder is a logger that logs through t.Log and counts the
 // messages, so that a test can tell what the registry reported.
 type logRecorder struct {
@@ -167,7 +140,7 @@ type logRecorder struct {
 }
 
 func recordLogs(t *testing.T) (*slog.Logger, *logRecorder) {
-	r := &logRecorder{Handler: testLogger(t).Handler(), mu: &sync.Mutex{}, msgs: new([]string)}
+	r := &logRecorder{Handler: testlog.New(t).Handler(), mu: &sync.Mutex{}, msgs: new([]string)}
 	return slog.New(r), r
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -62,7 +63,7 @@ func startInstance(t *testing.T, conn, id string) *instance {
 	kctx, kill := context.WithCancel(context.Background())
 	t.Cleanup(kill)
 	inst := &instance{t: t, id: id, url: "wss://" + id + ".example", pool: pool, stats: stats.New(), kill: kill}
-	log := testLogger(t).With("instance", id)
+	log := testlog.New(t).With("instance", id)
 	// The server is made after the registry, as serve does.
 	var agentsChanged atomic.Pointer[func([]string)]
 	reg, err := registry.NewPostgres(kctx, pool, registry.PostgresOptions{

@@ -9,6 +9,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testlog"
 )
 
 // TestPostgresRecoveryOfManyClients cuts an instance with many clients
@@ -79,7 +80,7 @@ func TestPostgresCloseAfterOutage(t *testing.T) {
 	ctx := context.Background()
 	px, viaProxy := pgtest.StartProxy(t, conn)
 	r, err := registry.NewPostgres(ctx, openPool(t, viaProxy), registry.PostgresOptions{
-		InstanceID: "closing", HeartbeatInterval: time.Hour, Timeout: 2 * time.Second, Logger: testLogger(t),
+		InstanceID: "closing", HeartbeatInterval: time.Hour, Timeout: 2 * time.Second, Logger: testlog.New(t),
 	})
 	if err != nil {
 		t.Fatal(err)

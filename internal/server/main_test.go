@@ -17,6 +17,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
 )
 
 func TestMain(m *testing.M) {
@@ -106,7 +107,7 @@ func tokens(now func() time.Time) *controller.Static {
 // start runs a server on a random loopback port until the test ends.
 func start(t *testing.T, opts ...option) *env {
 	t.Helper()
-	return startTB(t, testLogger(t), opts...)
+	return startTB(t, testlog.New(t), opts...)
 }
 
 // startBench is start for benchmarks, which log nothing.

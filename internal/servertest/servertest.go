@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,6 +19,7 @@ import (
 	"github.com/machineservice/machineservice/internal/controller"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -101,7 +101,7 @@ func Start(t testing.TB, opts ...Option) *Server {
 // until the test ends.
 func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 	t.Helper()
-	s, err := Launch(addr, Logger(t), opts...)
+	s, err := Launch(addr, testlog.New(t), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,32 +196,4 @@ func WaitFor(t testing.TB, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// Logger logs through t.Log while the test runs.
-func Logger(t testing.TB) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop)
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct {
-	mu   sync.Mutex
-	t    testing.TB
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
 }
