@@ -21,6 +21,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -50,15 +51,10 @@ func uniquePrefix(t *testing.T) string {
 	return "mscmd.x" + base64.RawURLEncoding.EncodeToString(b)
 }
 
+// waitFor polls cond until it holds or 15 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, what, 15*time.Second, cond)
 }
 
 // TestConfigurationErrors: a missing or wrong bus setting stops the start

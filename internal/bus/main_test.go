@@ -23,6 +23,7 @@ import (
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -365,14 +366,8 @@ func list(t *testing.T, c *testclient.Conn) []wire.ClientRegistration {
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or 15 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, what, 15*time.Second, cond)
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -190,14 +191,8 @@ func (e *env) remoteIPs() []string {
 	return out
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or 10 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, what, 10*time.Second, cond)
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -242,7 +243,7 @@ func TestTwoInstances(t *testing.T) {
 
 	portalA := a.portal()
 	agentB := b.agent(1, agentToken1)
-	waitFor(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
+	testwait.For(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
 	regs, _ := list(t, portalA)
 	r := regs[0]
 	if r.GatewayID != b.id || r.MachineServerURI != b.url || r.OrganizationID != orgA ||
@@ -254,8 +255,8 @@ func TestTwoInstances(t *testing.T) {
 	agentA := a.agent(2, agentToken2)
 	portalB := b.portal()
 	both := sortedIDs(agentA, agentB)
-	waitFor(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
-	waitFor(t, "both agents listed on B", 10*time.Second, func() bool { return listed(t, portalB) == both })
+	testwait.For(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
+	testwait.For(t, "both agents listed on B", 10*time.Second, func() bool { return listed(t, portalB) == both })
 	regs, _ = list(t, portalB)
 	for _, r := range regs {
 		want := map[string]string{agentA.ClientID: a.id, agentB.ClientID: b.id}[r.ClientID]
@@ -265,8 +266,8 @@ func TestTwoInstances(t *testing.T) {
 	}
 
 	hangUp(t, agentB)
-	waitFor(t, "the agent on B gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == agentA.ClientID })
-	waitFor(t, "its unregister in the history", 10*time.Second, func() bool {
+	testwait.For(t, "the agent on B gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == agentA.ClientID })
+	testwait.For(t, "its unregister in the history", 10*time.Second, func() bool {
 		return count(t, a.pool, `SELECT count(*) FROM client_history WHERE event = 'unregister'
 			AND client_id = $1 AND instance_id = $2 AND bytes_in > 0 AND bytes_out > 0`, agentB.ClientID, b.id) == 1
 	})
@@ -282,13 +283,13 @@ func TestKilledInstance(t *testing.T) {
 
 	portalA := a.portal()
 	agentB := b.agent(1, agentToken1)
-	waitFor(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
+	testwait.For(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
 
 	b.kill()
 	killed := time.Now()
-	waitFor(t, "the killed instance's agent gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
+	testwait.For(t, "the killed instance's agent gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
 	t.Logf("unlisted %v after the kill (instance window %v)", time.Since(killed).Round(10*time.Millisecond), testInstanceWindow)
-	waitFor(t, "the killed instance's rows reaped", 10*time.Second, func() bool {
+	testwait.For(t, "the killed instance's rows reaped", 10*time.Second, func() bool {
 		return count(t, a.pool, `SELECT count(*) FROM clients WHERE instance_id = $1`, b.id) == 0 &&
 			count(t, a.pool, `SELECT count(*) FROM instances WHERE instance_id = $1`, b.id) == 0
 	})
@@ -311,7 +312,7 @@ func TestKilledInstancePushesList(t *testing.T) {
 	agentB := b.agent(1, agentToken1)
 	portalA := a.portal()
 	both := sortedIDs(agentA, agentB)
-	waitFor(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
+	testwait.For(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
 
 	b.kill()
 	// Pushes from the agents' arrival may still be on their way (pushes
@@ -346,10 +347,10 @@ func TestDatabaseOutage(t *testing.T) {
 	agent1 := b.agent(1, agentToken1)
 	agent3 := b.agent(3, agentToken3)
 	before := sortedIDs(agent1, agent3)
-	waitFor(t, "B's agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == before })
+	testwait.For(t, "B's agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == before })
 
 	px.cut()
-	waitFor(t, "B's list to fail", 10*time.Second, func() bool {
+	testwait.For(t, "B's list to fail", 10*time.Second, func() bool {
 		return listed(t, portalB) == "error: "+wire.TextRegistryUnavailable
 	})
 
@@ -374,12 +375,12 @@ func TestDatabaseOutage(t *testing.T) {
 	}
 	// A stops listing B's clients once B's heartbeat is older than the
 	// window and reaps them, so everything must be written back.
-	waitFor(t, "B's agents gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
+	testwait.For(t, "B's agents gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
 
 	px.restore()
 	after := sortedIDs(agent1, agent2)
-	waitFor(t, "B's agents listed on A again", 10*time.Second, func() bool { return listed(t, portalA) == after })
-	waitFor(t, "B's list to work again", 10*time.Second, func() bool { return listed(t, portalB) == after })
+	testwait.For(t, "B's agents listed on A again", 10*time.Second, func() bool { return listed(t, portalA) == after })
+	testwait.For(t, "B's list to work again", 10*time.Second, func() bool { return listed(t, portalB) == after })
 	regs, _ := list(t, portalA)
 	for _, r := range regs {
 		if r.GatewayID != b.id || r.MachineServerURI != b.url {

@@ -14,6 +14,7 @@ import (
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -321,7 +322,7 @@ func TestStatisticsPersisted(t *testing.T) {
 		st.Run(ctx, testlog.New(t), 0, 50*time.Millisecond, registry.StatisticsExporter(pool, "one", time.Second))
 	}()
 	defer func() { cancel(); <-done }()
-	waitFor(t, "a statistics row with the counts", 10*time.Second, func() bool {
+	testwait.For(t, "a statistics row with the counts", 10*time.Second, func() bool {
 		return count(t, pool, `SELECT count(*) FROM statistics WHERE instance_id = 'one'
 			AND (counters->>'AuthClientSuccess')::int = 2 AND (counters->>'ListCommandSuccess')::int = 1`) == 1
 	})

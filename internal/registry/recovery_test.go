@@ -10,6 +10,7 @@ import (
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 )
 
 // TestPostgresRecoveryOfManyClients cuts an instance with many clients
@@ -50,7 +51,7 @@ func TestPostgresRecoveryOfManyClients(t *testing.T) {
 
 	px.Restore()
 	restored := time.Now()
-	waitFor(t, "the list after the outage", 60*time.Second, func() bool {
+	testwait.For(t, "the list after the outage", 60*time.Second, func() bool {
 		_, err := r.Agents(ctx, []string{orgA})
 		return err == nil
 	})

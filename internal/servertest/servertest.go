@@ -20,6 +20,7 @@ import (
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -189,11 +190,5 @@ func (s *Server) Stop() error {
 // WaitFor polls cond until it holds or 10 seconds pass.
 func WaitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, what, 10*time.Second, cond)
 }
