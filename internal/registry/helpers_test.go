@@ -3,8 +3,6 @@ package registry_test
 import (
 	"context"
 	"log/slog"
-	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -31,24 +29,6 @@ const testDatabaseEnv = pgtest.Env
 func freshSchema(t *testing.T) (string, string) {
 	t.Helper()
 	return pgtest.Schema(t)
-}
-
-// withHost points a connection string at another address.
-func withHost(t *testing.T, conn, hostport string) string {
-	t.Helper()
-	host, port, err := net.SplitHostPort(hostport)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !pgtest.IsURL(conn) {
-		return conn + " host=" + host + " port=" + port // the last value wins
-	}
-	u, err := url.Parse(conn)
-	if err != nil {
-		t.Fatalf("%s: %v", testDatabaseEnv, err)
-	}
-	u.Host = hostport
-	return u.String()
 }
 
 // parseConn reads a connection string as pgx does.

@@ -3,12 +3,9 @@ package registry_test
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"sort"
-	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,6 +15,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
@@ -337,10 +335,9 @@ func TestKilledInstancePushesList(t *testing.T) {
 // listed again while the one that left during the outage is not.
 func TestDatabaseOutage(t *testing.T) {
 	_, conn := migratedPool(t)
-	pc := parseConn(t, conn)
-	px := startProxy(t, net.JoinHostPort(pc.Host, strconv.Itoa(int(pc.Port))))
+	px, proxied := pgtest.StartProxy(t, conn)
 	a := startInstance(t, conn, "instance-a")
-	b := startInstance(t, withHost(t, conn, px.addr()), "instance-b")
+	b := startInstance(t, proxied, "instance-b")
 
 	portalA := a.portal()
 	portalB := b.portal()
@@ -349,7 +346,7 @@ func TestDatabaseOutage(t *testing.T) {
 	before := sortedIDs(agent1, agent3)
 	testwait.For(t, "B's agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == before })
 
-	px.cut()
+	px.Cut()
 	testwait.For(t, "B's list to fail", 10*time.Second, func() bool {
 		return listed(t, portalB) == "error: "+wire.TextRegistryUnavailable
 	})
@@ -377,7 +374,7 @@ func TestDatabaseOutage(t *testing.T) {
 	// window and reaps them, so everything must be written back.
 	testwait.For(t, "B's agents gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
 
-	px.restore()
+	px.Restore()
 	after := sortedIDs(agent1, agent2)
 	testwait.For(t, "B's agents listed on A again", 10*time.Second, func() bool { return listed(t, portalA) == after })
 	testwait.For(t, "B's list to work again", 10*time.Second, func() bool { return listed(t, portalB) == after })
@@ -396,107 +393,4 @@ func TestDatabaseOutage(t *testing.T) {
 	if n := count(t, a.pool, `SELECT count(*) FROM client_history WHERE event = 'register' AND client_id = $1`, agent2.ClientID); n != 1 {
 		t.Fatalf("%d register events for the agent that came during the outage, want 1", n)
 	}
-}
-
-// proxy is a TCP proxy to the database that the test can cut.
-type proxy struct {
-	t      *testing.T
-	l      net.Listener
-	target string
-	wg     sync.WaitGroup
-
-	mu    sync.Mutex
-	down  bool
-	conns map[net.Conn]struct{}
-}
-
-func startProxy(t *testing.T, target string) *proxy {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{t: t, l: l, target: target, conns: map[net.Conn]struct{}{}}
-	p.wg.Go(p.accept)
-	t.Cleanup(func() {
-		_ = l.Close() // ends accept
-		p.cut()
-		p.wg.Wait()
-	})
-	return p
-}
-
-func (p *proxy) addr() string { return p.l.Addr().String() }
-
-func (p *proxy) accept() {
-	for {
-		c, err := p.l.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		down := p.down
-		p.mu.Unlock()
-		if down {
-			_ = c.Close() // refused while cut
-			continue
-		}
-		p.wg.Go(func() { p.pipe(c) })
-	}
-}
-
-func (p *proxy) pipe(c net.Conn) {
-	up, err := net.DialTimeout("tcp", p.target, 5*time.Second)
-	if err != nil {
-		_ = c.Close()
-		return
-	}
-	if !p.track(c, up) {
-		return
-	}
-	var wg sync.WaitGroup
-	for _, pair := range [][2]net.Conn{{c, up}, {up, c}} {
-		wg.Go(func() {
-			_, _ = io.Copy(pair[1], pair[0]) // ends when either side closes
-			_ = pair[0].Close()
-			_ = pair[1].Close()
-		})
-	}
-	wg.Wait()
-	p.mu.Lock()
-	delete(p.conns, c)
-	delete(p.conns, up)
-	p.mu.Unlock()
-}
-
-func (p *proxy) track(cs ...net.Conn) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.down {
-		for _, c := range cs {
-			_ = c.Close()
-		}
-		return false
-	}
-	for _, c := range cs {
-		p.conns[c] = struct{}{}
-	}
-	return true
-}
-
-// cut closes every proxied connection and refuses new ones.
-func (p *proxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.down = true
-	for c := range p.conns {
-		_ = c.Close()
-	}
-}
-
-// restore lets connections through again.
-func (p *proxy) restore() {
-	p.mu.Lock()
-	p.down = false
-	p.mu.Unlock()
 }
