@@ -102,7 +102,14 @@ func Start(t testing.TB, opts ...Option) *Server {
 // until the test ends.
 func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 	t.Helper()
-	s, err := Launch(addr, testlog.New(t), opts...)
+	return startOn(t, addr, nil, opts)
+}
+
+// startOn runs a server on addr and ctrl (nil: the static controller)
+// until the test ends.
+func startOn(t testing.TB, addr string, ctrl controller.Controller, opts []Option) *Server {
+	t.Helper()
+	s, err := launch(addr, testlog.New(t), ctrl, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,6 +124,10 @@ func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 // Launch runs a server on addr until Stop, logging to log (nil: nowhere).
 // Tests use Start; Launch serves examples, which have no testing.T.
 func Launch(addr string, log *slog.Logger, opts ...Option) (*Server, error) {
+	return launch(addr, log, nil, opts)
+}
+
+func launch(addr string, log *slog.Logger, ctrl controller.Controller, opts []Option) (*Server, error) {
 	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
 	if err != nil {
 		return nil, err
@@ -127,9 +138,12 @@ func Launch(addr string, log *slog.Logger, opts ...Option) (*Server, error) {
 	for _, o := range opts {
 		o(cfg)
 	}
-	ctrl, err := controller.NewStatic(Tokens(), nil)
-	if err != nil {
-		return nil, err
+	if ctrl == nil {
+		st, err := controller.NewStatic(Tokens(), nil)
+		if err != nil {
+			return nil, err
+		}
+		ctrl = st
 	}
 	k, err := serverKey()
 	if err != nil {
