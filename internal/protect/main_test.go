@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testclock"
 	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
@@ -28,31 +28,13 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// clock is the rate limiter's clock, moved by hand.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // env is a real server behind a Guard, on a random loopback port.
 type env struct {
 	t     *testing.T
 	srv   *server.Server
 	guard *protect.Guard
 	stats *stats.Stats
-	clock *clock
+	clock *testclock.Clock // the rate limiter's clock
 	port  string
 }
 
@@ -72,7 +54,7 @@ func start(t *testing.T, vars map[string]string) *env {
 	cfg := mustConfig(t, vars)
 	cfg.InstanceID = "test-instance"
 	cfg.ShutdownTimeout = 5 * time.Second
-	e := &env{t: t, stats: stats.New(), clock: &clock{t: time.Now()}}
+	e := &env{t: t, stats: stats.New(), clock: testclock.New(time.Now())}
 	log := testlog.New(t) // its cleanup runs after the server's shutdown below
 	ctx, cancel := context.WithCancel(context.Background())
 	var err error

@@ -17,6 +17,7 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testclock"
 	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/internal/testwait"
 )
@@ -46,31 +47,13 @@ const (
 // serverKeyIndex is the testclient key the server uses; agents use others.
 const serverKeyIndex = 0
 
-// clock is a settable clock for token expiry.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // env is one running test server.
 type env struct {
 	t      testing.TB
 	srv    *server.Server
 	cfg    *config.Config
-	base   string // http://127.0.0.1:port
-	clock  *clock
+	base   string           // http://127.0.0.1:port
+	clock  *testclock.Clock // moves token expiry and the registry's timeouts
 	events *bus.Local
 	stats  *stats.Stats
 
@@ -126,7 +109,7 @@ func startTB(t testing.TB, log *slog.Logger, opts ...option) *env {
 	cfg.InstanceID = "test-instance"
 	cfg.MachineName = "test-machine"
 	cfg.ShutdownTimeout = 5 * time.Second
-	e := &env{t: t, cfg: cfg, clock: &clock{t: time.Now()}, stats: stats.New()}
+	e := &env{t: t, cfg: cfg, clock: testclock.New(time.Now()), stats: stats.New()}
 	e.events = bus.NewLocal(nil)
 	e.events.OnActivity(func(a bus.AgentActivity) {
 		e.mu.Lock()
