@@ -16,40 +16,14 @@ import (
 	"testing"
 	"time"
 
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
-
-func natsURL(t *testing.T) string {
-	t.Helper()
-	if u := os.Getenv("MACHINESERVICE_TEST_NATS"); u != "" {
-		return u
-	}
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	return ns.ClientURL()
-}
-
-func uniquePrefix(t *testing.T) string {
-	t.Helper()
-	b := make([]byte, 6)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "mscmd.x" + base64.RawURLEncoding.EncodeToString(b)
-}
 
 // waitFor polls cond until it holds or 15 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -110,7 +84,7 @@ func TestConfigurationErrors(t *testing.T) {
 // TestControllerCommand runs the controller command's loop against NATS
 // and asks it, as an instance does, over the bus.
 func TestControllerCommand(t *testing.T) {
-	url, pfx := natsURL(t), uniquePrefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mscmd")
 	cfg, err := config.LoadController([]string{"--nats", url, "--tokens", "../../examples/tokens.json"}, func(k string) string {
 		if k == "MESSAGING__SUBJECTPREFIX" {
 			return pfx
@@ -171,7 +145,7 @@ func TestControllerCommand(t *testing.T) {
 // authenticate through it. It stops the command with SIGTERM, as an
 // operator would.
 func TestServeOnBus(t *testing.T) {
-	url, pfx := natsURL(t), uniquePrefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mscmd")
 	t.Setenv("MESSAGING__SUBJECTPREFIX", pfx)
 	t.Setenv("ENVIRONMENT__STATUSREPORTINTERVALSECONDS", "0")
 	keyFile := filepath.Join(t.TempDir(), "key.pem")

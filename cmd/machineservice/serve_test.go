@@ -24,6 +24,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -476,7 +477,7 @@ func TestServeProduction(t *testing.T) {
 		dir := t.TempDir()
 		addr := freeAddr(t)
 		c := startChild(t, dir, append(env, "AUTH__TOKENSFILE="+examplesTokens(t), "ENVIRONMENT__ISPROD=true",
-			"MESSAGING__CONNECTIONSTRING="+natsURL(t), "MESSAGING__SUBJECTPREFIX=serve-prod-"+strconv.Itoa(os.Getpid())), "serve", "--listen", addr)
+			"MESSAGING__CONNECTIONSTRING="+natstest.URL(t), "MESSAGING__SUBJECTPREFIX=serve-prod-"+strconv.Itoa(os.Getpid())), "serve", "--listen", addr)
 		c.waitHealthy(addr)
 		cert := certificates(t, addr)[0]
 		if cert.PublicKeyHash != hash {

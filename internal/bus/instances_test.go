@@ -15,6 +15,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
@@ -32,7 +33,7 @@ type pair struct {
 
 func startPair(t *testing.T, url string, oa instanceOpts) *pair {
 	t.Helper()
-	p := &pair{url: url, pfx: prefix(t), reg: registry.NewMemory(0, nil)}
+	p := &pair{url: url, pfx: natstest.Prefix(t, "mstest"), reg: registry.NewMemory(0, nil)}
 	p.ctrl = startController(t, url, p.pfx)
 	p.a = startInstance(t, url, p.pfx, "instance-a", p.reg, oa)
 	p.b = startInstance(t, url, p.pfx, "instance-b", p.reg, instanceOpts{})
@@ -95,9 +96,9 @@ func str(s string) *string { return &s }
 // TestControlAcrossInstances: the controller's control requests reach an
 // agent whichever instance takes them, and the answer comes back.
 func TestControlAcrossInstances(t *testing.T) {
-	url := natsURL(t)
+	url := natstest.URL(t)
 	counting := &countingRegistry{}
-	p := &pair{url: url, pfx: prefix(t), reg: registry.NewMemory(0, nil)}
+	p := &pair{url: url, pfx: natstest.Prefix(t, "mstest"), reg: registry.NewMemory(0, nil)}
 	counting.Registry = p.reg
 	p.ctrl = startController(t, url, p.pfx)
 	p.a = startInstance(t, url, p.pfx, "instance-a", p.reg, instanceOpts{reg: counting})
@@ -172,7 +173,7 @@ func TestControlAcrossInstances(t *testing.T) {
 // instance and an agent on the other, both ways, with the organization
 // checks of one instance.
 func TestRelayAcrossInstances(t *testing.T) {
-	p := startPair(t, natsURL(t), instanceOpts{})
+	p := startPair(t, natstest.URL(t), instanceOpts{})
 
 	roundTrip := func(t *testing.T, portal, agent *testclient.Conn) {
 		t.Helper()
@@ -270,7 +271,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 // TestListPushAcrossInstances: a portal hears of agents that connect and
 // disconnect on another instance.
 func TestListPushAcrossInstances(t *testing.T) {
-	p := startPair(t, natsURL(t), instanceOpts{})
+	p := startPair(t, natstest.URL(t), instanceOpts{})
 	portal := p.a.authedPortal(portalA, false)
 	other := p.a.authedPortal(portalB, false)
 	if l := list(t, portal); len(l) != 0 {
@@ -346,7 +347,7 @@ func (ev *events) find(subject string, match func(map[string]any) bool) []map[st
 // TestEventsOnSubjects watches the activity, certificate and list events
 // on their subjects.
 func TestEventsOnSubjects(t *testing.T) {
-	url, pfx := natsURL(t), prefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mstest")
 	startController(t, url, pfx)
 	ev := subscribeEvents(t, rawConn(t, url), pfx)
 	in := startInstance(t, url, pfx, "instance-a", registry.NewMemory(0, nil), instanceOpts{})
@@ -402,7 +403,7 @@ func TestEventsOnSubjects(t *testing.T) {
 // starts a new one on the same port: meanwhile auth fails at once and
 // local relay goes on; afterwards everything works again by itself.
 func TestNATSRestart(t *testing.T) {
-	ns := embedded(t, -1)
+	ns := natstest.Start(t, -1)
 	url := ns.ClientURL()
 	port := ns.Addr().(*net.TCPAddr).Port
 	p := startPair(t, url, instanceOpts{})
@@ -433,7 +434,7 @@ func TestNATSRestart(t *testing.T) {
 		t.Fatalf("relay to the other instance while NATS is down: %+v", got)
 	}
 
-	embedded(t, port)
+	natstest.Start(t, port)
 	waitFor(t, "both instances to reconnect", func() bool {
 		return p.a.bus.Ready(context.Background()) == nil && p.b.bus.Ready(context.Background()) == nil
 	})
@@ -451,8 +452,8 @@ func TestNATSRestart(t *testing.T) {
 // as soon as the connection to NATS drops, not at the controller
 // deadline (here longer than the test client waits).
 func TestAuthFailsWhenNATSDrops(t *testing.T) {
-	ns := embedded(t, -1)
-	url, pfx := ns.ClientURL(), prefix(t)
+	ns := natstest.Start(t, -1)
+	url, pfx := ns.ClientURL(), natstest.Prefix(t, "mstest")
 	ec := startController(t, url, pfx)
 	asked := make(chan struct{})
 	release := make(chan struct{})

@@ -2,17 +2,13 @@ package bus_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/goleak"
 
@@ -50,45 +46,6 @@ const (
 
 // serverKeyIndex is the testclient key both instances use.
 const serverKeyIndex = 0
-
-// natsURL returns the NATS server for a test: MACHINESERVICE_TEST_NATS
-// when set, else an embedded server that lives as long as the test.
-func natsURL(t *testing.T) string {
-	t.Helper()
-	if u := os.Getenv("MACHINESERVICE_TEST_NATS"); u != "" {
-		return u
-	}
-	return embedded(t, -1).ClientURL()
-}
-
-// embedded starts a NATS server on 127.0.0.1 (port -1: any free port).
-func embedded(t *testing.T, port int) *natsserver.Server {
-	t.Helper()
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatalf("nats server: %v", err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() {
-		ns.Shutdown()
-		ns.WaitForShutdown()
-	})
-	return ns
-}
-
-// prefix returns a subject prefix of its own for a test, so runs against
-// a shared server do not meet.
-func prefix(t *testing.T) string {
-	t.Helper()
-	b := make([]byte, 8)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "mstest." + hex.EncodeToString(b)
-}
 
 // dialBus connects a bus for a test, with quick reconnects.
 func dialBus(t *testing.T, url, pfx, name string, mod func(*bus.NATSOptions)) *bus.NATS {
