@@ -77,7 +77,7 @@ func controlRequest(t *testing.T, nc *nats.Conn, pfx string, req bus.ControlRequ
 // answerControl reads the control message an agent gets and answers it.
 func answerControl(t *testing.T, agent *testclient.Conn, wantCommand string) {
 	t.Helper()
-	env := next(t, agent, wire.TypeControl)
+	env := testclient.Next(t, agent, wire.TypeControl)
 	var req wire.ControlRequest
 	if err := env.DecodePayload(&req); err != nil {
 		t.Fatal(err)
@@ -179,7 +179,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		t.Helper()
 		cmd := testclient.Message(wire.TypeCommand, agent.ClientID, wire.CommandRequest{Method: "GET", Path: "/api/v1/serverstate"})
 		portal.Send(cmd)
-		got := next(t, agent, wire.TypeCommand)
+		got := testclient.Next(t, agent, wire.TypeCommand)
 		if got.From != portal.ClientID || got.MessageID != cmd.MessageID {
 			t.Fatalf("agent got command from %q id %q", got.From, got.MessageID)
 		}
@@ -191,7 +191,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		answer := testclient.Message(wire.TypeCommand, portal.ClientID, wire.CommandResponse{StatusCode: 200, Body: &body})
 		answer.MessageID = cmd.MessageID
 		agent.Send(answer)
-		back := next(t, portal, wire.TypeCommand)
+		back := testclient.Next(t, portal, wire.TypeCommand)
 		var resp wire.CommandResponse
 		if back.From != agent.ClientID || back.MessageID != cmd.MessageID || back.DecodePayload(&resp) != nil || resp.StatusCode != 200 || *resp.Body != body {
 			t.Fatalf("portal got %+v", back)
@@ -227,7 +227,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		for _, payload := range []string{`"opaque.jwe.payload.that.is.not.json"`, `{"method":"GET","path":"/x"}`} {
 			cmd := &wire.Envelope{Type: wire.TypeCommand, To: agent.ClientID, Payload: json.RawMessage(payload)}
 			portal.Send(cmd)
-			got := next(t, agent, wire.TypeCommand)
+			got := testclient.Next(t, agent, wire.TypeCommand)
 			if got.MessageID != cmd.MessageID || string(got.Payload) != payload {
 				t.Fatalf("payload %s arrived as %s", payload, got.Payload)
 			}
@@ -261,7 +261,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		portal := p.a.authedPortal(portalA, false)
 		cmd := testclient.Message(wire.TypeCommand, "no-such-client", nil)
 		portal.Send(cmd)
-		got := next(t, portal, wire.TypeCommand)
+		got := testclient.Next(t, portal, wire.TypeCommand)
 		if got.MessageID != cmd.MessageID || got.ErrorMessage != wire.TextDestinationNotAvailable {
 			t.Fatalf("got %+v", got)
 		}
@@ -281,7 +281,7 @@ func TestListPushAcrossInstances(t *testing.T) {
 	waitList := func(what string, want func([]wire.ClientRegistration) bool) {
 		t.Helper()
 		for {
-			env := next(t, portal, wire.TypeList)
+			env := testclient.Next(t, portal, wire.TypeList)
 			if want(testclient.DecodeList(t, env)) {
 				return
 			}
@@ -425,12 +425,12 @@ func TestNATSRestart(t *testing.T) {
 	}
 	cmd := testclient.Message(wire.TypeCommand, agent.ClientID, nil)
 	portal.Send(cmd)
-	if got := next(t, agent, wire.TypeCommand); got.MessageID != cmd.MessageID {
+	if got := testclient.Next(t, agent, wire.TypeCommand); got.MessageID != cmd.MessageID {
 		t.Fatalf("local relay while NATS is down: %+v", got)
 	}
 	cmd = testclient.Message(wire.TypeCommand, remote.ClientID, nil)
 	portal.Send(cmd)
-	if got := next(t, portal, wire.TypeCommand); got.ErrorMessage != wire.TextDestinationNotAvailable {
+	if got := testclient.Next(t, portal, wire.TypeCommand); got.ErrorMessage != wire.TextDestinationNotAvailable {
 		t.Fatalf("relay to the other instance while NATS is down: %+v", got)
 	}
 
@@ -443,7 +443,7 @@ func TestNATSRestart(t *testing.T) {
 	})
 	cmd = testclient.Message(wire.TypeCommand, remote.ClientID, nil)
 	portal.Send(cmd)
-	if got := next(t, remote, wire.TypeCommand); got.MessageID != cmd.MessageID || got.From != portal.ClientID {
+	if got := testclient.Next(t, remote, wire.TypeCommand); got.MessageID != cmd.MessageID || got.From != portal.ClientID {
 		t.Fatalf("relay to the other instance after the restart: %+v", got)
 	}
 }

@@ -292,31 +292,13 @@ func (ec *externalController) recorded() []recorded {
 	return append([]recorded(nil), ec.requests...)
 }
 
-// next reads c's next message of type typ, skipping the list pushes that
-// agents connecting anywhere cause.
-func next(t *testing.T, c *testclient.Conn, typ string) wire.Envelope {
-	t.Helper()
-	for {
-		env, err := c.Read()
-		if err != nil {
-			t.Fatalf("%s: waiting for %q: %v", c.Role, typ, err)
-		}
-		if env.Type == typ {
-			return env
-		}
-		if env.Type != wire.TypeList {
-			t.Fatalf("%s: got %q (%+v), want %q", c.Role, env.Type, env, typ)
-		}
-	}
-}
-
 // list asks for the list and returns the answer, skipping list pushes.
 func list(t *testing.T, c *testclient.Conn) []wire.ClientRegistration {
 	t.Helper()
 	req := testclient.Message(wire.TypeList, "MachineService", nil)
 	c.Send(req)
 	for {
-		env := next(t, c, wire.TypeList)
+		env := testclient.Next(t, c, wire.TypeList)
 		if env.MessageID == req.MessageID {
 			return testclient.DecodeList(t, env)
 		}
