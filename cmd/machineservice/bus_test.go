@@ -21,6 +21,7 @@ import (
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
@@ -94,7 +95,7 @@ func TestControllerCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs testlog.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- runController(ctx, cfg, slog.New(slog.NewTextHandler(&logs, nil))) }()
@@ -152,8 +153,8 @@ func TestServeOnBus(t *testing.T) {
 	if err := os.WriteFile(keyFile, wire.EncodePrivateKey(testclient.Key(t, 0)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var stdout syncBuffer
-	var stderr syncBuffer
+	var stdout testlog.Buffer
+	var stderr testlog.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run([]string{"serve", "--dev", "--listen", "127.0.0.1:0", "--dev-key-file", keyFile,

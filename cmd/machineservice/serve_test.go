@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -25,6 +24,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/machineservice/machineservice/internal/natstest"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -92,24 +92,6 @@ func raceEnabled() bool {
 	return false
 }
 
-// syncBuffer collects a child's output while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // isolatedSettings replace defaults that every process on the machine
 // shares (the metrics address 127.0.0.1:9091, the production control
 // socket), so that a server a test starts does not collide with another
@@ -166,8 +148,8 @@ func freeAddr(t *testing.T) string {
 type child struct {
 	t      *testing.T
 	cmd    *exec.Cmd
-	stdout syncBuffer
-	stderr syncBuffer
+	stdout testlog.Buffer
+	stderr testlog.Buffer
 	done   chan struct{} // closed when it has exited
 	err    error         // Wait's result, after done
 }

@@ -1,6 +1,7 @@
 // Package testlog gives tests a logger that writes through t.Log, so a
 // failing test shows what the code under test logged beside its own
-// messages; run with -v to see it for passing tests too.
+// messages (run with -v to see it for passing tests too), and a buffer
+// for output that the test reads while it is being written.
 package testlog
 
 import (

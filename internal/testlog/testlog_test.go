@@ -2,6 +2,7 @@ package testlog_test
 
 import (
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/machineservice/machineservice/internal/testlog"
@@ -45,5 +46,24 @@ func TestNew(t *testing.T) {
 	log.Info("after the end")
 	if len(r.lines) != 1 {
 		t.Errorf("logged after the test ended: %q", r.lines[1:])
+	}
+}
+
+// TestBuffer: writes from several goroutines all arrive, read while
+// they are written (the race detector watches the sharing).
+func TestBuffer(t *testing.T) {
+	var b testlog.Buffer
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for range 100 {
+				_, _ = b.Write([]byte("x"))
+				_ = b.String()
+			}
+		})
+	}
+	wg.Wait()
+	if got := b.String(); got != strings.Repeat("x", 400) {
+		t.Fatalf("got %d bytes, want 400", len(got))
 	}
 }
