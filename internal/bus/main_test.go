@@ -3,7 +3,6 @@ package bus_test
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +15,7 @@ import (
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testlog"
@@ -128,26 +128,14 @@ func startInstance(t *testing.T, url, pfx, id string, reg registry.Registry, o i
 	if err := nb.Attach(srv); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	in.base = "http://" + l.Addr().String()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
+	t.Cleanup(func() { // runs after the server's shutdown, registered below
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", id, err)
-		}
-		if err := <-done; err != server.ErrServerClosed {
-			t.Errorf("serve %s returned %v", id, err)
-		}
 		if err := nb.Close(ctx); err != nil {
 			t.Errorf("close bus of %s: %v", id, err)
 		}
 	})
+	in.base = servertest.Serve(t, id, srv)
 	return in
 }
 

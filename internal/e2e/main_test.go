@@ -3,7 +3,6 @@ package e2e_test
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -172,18 +171,7 @@ func (c *cluster) startOn(id, conn string) *instance {
 	if err := nb.Attach(srv); err != nil {
 		t.Fatalf("%s: attach to the bus: %v", id, err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(sctx); err != nil {
-			t.Errorf("%s: shutdown: %v", id, err)
-		}
-		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
-			t.Errorf("%s: serve returned %v", id, err)
-		}
-	})
+	servertest.ServeOn(t, id, srv, l)
 	return in
 }
 

@@ -2,8 +2,6 @@ package registry_test
 
 import (
 	"context"
-	"errors"
-	"net"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -18,6 +16,7 @@ import (
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testlog"
@@ -124,23 +123,7 @@ func startInstance(t *testing.T, conn, id string) *instance {
 	inst.srv = srv
 	f := srv.AgentsChanged
 	agentsChanged.Store(&f)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	inst.base = "http://" + l.Addr().String()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", id, err)
-		}
-		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
-			t.Errorf("serve %s returned %v", id, err)
-		}
-	})
+	inst.base = servertest.Serve(t, id, srv)
 	return inst
 }
 

@@ -1,9 +1,7 @@
 package server_test
 
 import (
-	"context"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +13,7 @@ import (
 	"github.com/machineservice/machineservice/internal/controller"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
 	"github.com/machineservice/machineservice/internal/testclock"
@@ -137,23 +136,7 @@ func startTB(t testing.TB, log *slog.Logger, opts ...option) *env {
 		t.Fatal(err)
 	}
 	e.srv = srv
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.base = "http://" + l.Addr().String()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; err != server.ErrServerClosed {
-			t.Errorf("serve returned %v", err)
-		}
-	})
+	e.base = servertest.Serve(t, "", srv)
 	return e
 }
 
