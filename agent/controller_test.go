@@ -1,106 +1,21 @@
 package agent_test
 
 import (
-	"context"
 	"errors"
-	"fmt"
-	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/machineservice/machineservice/agent"
-	"github.com/machineservice/machineservice/internal/config"
-	"github.com/machineservice/machineservice/internal/controller"
-	"github.com/machineservice/machineservice/internal/registry"
-	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/servertest"
 )
-
-// downController is the test tokens' static controller, except that
-// while down is set it fails as a controller that cannot be reached, and
-// while reject is set it refuses every agent token.
-type downController struct {
-	controller.Controller
-	down   atomic.Bool
-	reject atomic.Bool
-}
-
-func (d *downController) ValidateAgent(ctx context.Context, token string) (controller.Agent, error) {
-	switch {
-	case d.down.Load():
-		return controller.Agent{}, fmt.Errorf("%w: the test controller is down", controller.ErrUnavailable)
-	case d.reject.Load():
-		return controller.Agent{}, fmt.Errorf("%w: the test controller refuses every token", controller.ErrRejected)
-	}
-	return d.Controller.ValidateAgent(ctx, token)
-}
-
-func (d *downController) ValidatePortal(ctx context.Context, token string, includeSubOrgs bool) (controller.Portal, error) {
-	if d.down.Load() {
-		return controller.Portal{}, fmt.Errorf("%w: the test controller is down", controller.ErrUnavailable)
-	}
-	return d.Controller.ValidatePortal(ctx, token, includeSubOrgs)
-}
-
-// startWithController runs the real server, as servertest.Start does, on
-// a controller of the test's, and returns its base URL.
-func startWithController(t *testing.T, ctrl controller.Controller) string {
-	t.Helper()
-	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.InstanceID = "test-instance"
-	cfg.MachineName = "test-machine"
-	cfg.ShutdownTimeout = 5 * time.Second
-	srv, err := server.New(cfg, server.Deps{
-		Key:         servertest.Key(t),
-		KeyObtained: time.Now(),
-		KeyExpires:  time.Now().Add(24 * time.Hour),
-		Controller:  ctrl,
-		Registry:    registry.NewMemory(0, nil),
-		Logger:      servertest.Logger(t),
-		Version:     "test",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
-			t.Errorf("serve returned %v", err)
-		}
-	})
-	return "http://" + l.Addr().String()
-}
-
-func staticController(t *testing.T) controller.Controller {
-	t.Helper()
-	st, err := controller.NewStatic(servertest.Tokens(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st
-}
 
 // TestAuthUnavailableIsRetried: while the server's controller is down the
 // agent is told so (1013), not that its token is bad, and retries with its
 // usual backoff until the controller is back.
 func TestAuthUnavailableIsRetried(t *testing.T) {
-	ctrl := &downController{Controller: staticController(t)}
-	ctrl.down.Store(true)
-	base := startWithController(t, ctrl)
+	ctrl := servertest.NewController(t)
+	ctrl.Down.Store(true)
+	base := servertest.StartWithController(t, ctrl).Base
 	a := servertest.StartAgent(t, agent.Config{
 		Server:         base,
 		Token:          servertest.AgentToken,
@@ -116,7 +31,7 @@ func TestAuthUnavailableIsRetried(t *testing.T) {
 			t.Fatalf("first retry in %s, want the initial backoff", e.RetryIn)
 		}
 	}
-	ctrl.down.Store(false)
+	ctrl.Down.Store(false)
 	servertest.WaitFor(t, "connected once the controller is back", func() bool { return a.Count(agent.Connected) == 1 })
 }
 
@@ -136,9 +51,9 @@ func endedWith(a *servertest.Agent, target error, n int) bool {
 // once the token is accepted again the agent connects.
 func TestAuthRejectedBacksOffAtCap(t *testing.T) {
 	const initial, maxBackoff = 10 * time.Millisecond, 400 * time.Millisecond
-	ctrl := &downController{Controller: staticController(t)}
-	ctrl.reject.Store(true)
-	base := startWithController(t, ctrl)
+	ctrl := servertest.NewController(t)
+	ctrl.Reject.Store(true)
+	base := servertest.StartWithController(t, ctrl).Base
 	a := servertest.StartAgent(t, agent.Config{
 		Server:         base,
 		Token:          servertest.AgentToken,
@@ -168,6 +83,6 @@ func TestAuthRejectedBacksOffAtCap(t *testing.T) {
 		t.Fatalf("%d Disconnected events for refusals, want them reported as Rejected", n)
 	}
 
-	ctrl.reject.Store(false) // the token is good again
+	ctrl.Reject.Store(false) // the token is good again
 	servertest.WaitFor(t, "connected once the token is accepted", func() bool { return a.Count(agent.Connected) == 1 })
 }

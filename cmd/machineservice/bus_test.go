@@ -16,49 +16,20 @@ import (
 	"testing"
 	"time"
 
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
-func natsURL(t *testing.T) string {
-	t.Helper()
-	if u := os.Getenv("MACHINESERVICE_TEST_NATS"); u != "" {
-		return u
-	}
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	return ns.ClientURL()
-}
-
-func uniquePrefix(t *testing.T) string {
-	t.Helper()
-	b := make([]byte, 6)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "mscmd.x" + base64.RawURLEncoding.EncodeToString(b)
-}
-
+// waitFor polls cond until it holds or 15 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, what, 15*time.Second, cond)
 }
 
 // TestConfigurationErrors: a missing or wrong bus setting stops the start
@@ -114,7 +85,7 @@ func TestConfigurationErrors(t *testing.T) {
 // TestControllerCommand runs the controller command's loop against NATS
 // and asks it, as an instance does, over the bus.
 func TestControllerCommand(t *testing.T) {
-	url, pfx := natsURL(t), uniquePrefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mscmd")
 	cfg, err := config.LoadController([]string{"--nats", url, "--tokens", "../../examples/tokens.json"}, func(k string) string {
 		if k == "MESSAGING__SUBJECTPREFIX" {
 			return pfx
@@ -124,7 +95,7 @@ func TestControllerCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs testlog.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- runController(ctx, cfg, slog.New(slog.NewTextHandler(&logs, nil))) }()
@@ -175,15 +146,15 @@ func TestControllerCommand(t *testing.T) {
 // authenticate through it. It stops the command with SIGTERM, as an
 // operator would.
 func TestServeOnBus(t *testing.T) {
-	url, pfx := natsURL(t), uniquePrefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mscmd")
 	t.Setenv("MESSAGING__SUBJECTPREFIX", pfx)
 	t.Setenv("ENVIRONMENT__STATUSREPORTINTERVALSECONDS", "0")
 	keyFile := filepath.Join(t.TempDir(), "key.pem")
 	if err := os.WriteFile(keyFile, wire.EncodePrivateKey(testclient.Key(t, 0)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var stdout syncBuffer
-	var stderr syncBuffer
+	var stdout testlog.Buffer
+	var stderr testlog.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run([]string{"serve", "--dev", "--listen", "127.0.0.1:0", "--dev-key-file", keyFile,

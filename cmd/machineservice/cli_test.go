@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/machineservice/machineservice/internal/servertest"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -55,7 +56,7 @@ func buildAndRun(m *testing.M) int {
 // process is a long-running command of the binary.
 type process struct {
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *testlog.Buffer
 	exited chan struct{}
 	err    error
 }
@@ -64,7 +65,7 @@ type process struct {
 // SIGINT and checks that it exits 0.
 func start(t *testing.T, args ...string) *process {
 	t.Helper()
-	p := &process{cmd: exec.Command(binary, args...), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p := &process{cmd: exec.Command(binary, args...), stderr: &testlog.Buffer{}, exited: make(chan struct{})}
 	p.cmd.Stderr = p.stderr
 	p.cmd.Stdout = p.stderr
 	if err := p.cmd.Start(); err != nil {

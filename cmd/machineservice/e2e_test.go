@@ -15,11 +15,10 @@ import (
 	"testing"
 	"time"
 
-	natsserver "github.com/nats-io/nats-server/v2/server"
-
 	"github.com/machineservice/machineservice/agent"
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/metrics"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
@@ -139,22 +138,6 @@ func (s *served) waitReady(what string, status int, want string) {
 	}
 }
 
-// startNATS runs an embedded NATS server on 127.0.0.1:port (-1: any free
-// port) until Shutdown or the end of the test.
-func startNATS(t *testing.T, port int) *natsserver.Server {
-	t.Helper()
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatalf("nats server: %v", err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	return ns
-}
-
 // TestReadyFollowsDependencies runs serve on a PostgreSQL registry reached
 // through a proxy and on an embedded NATS server, and checks that /ready
 // follows both: 503 naming the registry while the database is cut away,
@@ -162,12 +145,12 @@ func startNATS(t *testing.T, port int) *natsserver.Server {
 func TestReadyFollowsDependencies(t *testing.T) {
 	conn, _ := pgtest.Schema(t)
 	px, proxied := pgtest.StartProxy(t, conn)
-	ns := startNATS(t, -1)
+	ns := natstest.Start(t, -1)
 	s := runServe(t, []string{
 		"DATABASE__CONNECTIONSTRING=" + proxied,
 		"DATABASE__TIMEOUTSECONDS=1",
 		"ENVIRONMENT__INSTANCEHEARTBEATSECONDS=1",
-		"MESSAGING__SUBJECTPREFIX=" + uniquePrefix(t),
+		"MESSAGING__SUBJECTPREFIX=" + natstest.Prefix(t, "mscmd"),
 	}, "--nats", ns.ClientURL())
 	s.waitReady("started", http.StatusOK, "ready")
 
@@ -191,7 +174,7 @@ func TestReadyFollowsDependencies(t *testing.T) {
 	ns.Shutdown()
 	ns.WaitForShutdown()
 	s.waitReady("NATS stopped", http.StatusServiceUnavailable, "bus: ")
-	startNATS(t, natsPort) // the same address: the server reconnects by itself
+	natstest.Start(t, natsPort) // the same address: the server reconnects by itself
 	s.waitReady("NATS restarted", http.StatusOK, "ready")
 	s.stop()
 }
@@ -252,8 +235,8 @@ func TestCtlControl(t *testing.T) {
 // and one NATS: `ctl control` on one reaches the agent on the other.
 func TestCtlControlAcrossInstances(t *testing.T) {
 	conn, _ := pgtest.Schema(t)
-	env := []string{"DATABASE__CONNECTIONSTRING=" + conn, "MESSAGING__SUBJECTPREFIX=" + uniquePrefix(t)}
-	url := natsURL(t)
+	env := []string{"DATABASE__CONNECTIONSTRING=" + conn, "MESSAGING__SUBJECTPREFIX=" + natstest.Prefix(t, "mscmd")}
+	url := natstest.URL(t)
 	a := runServe(t, append(env, "ENVIRONMENT__INSTANCEID=ctl-a"), "--nats", url)
 	b := runServe(t, append(env, "ENVIRONMENT__INSTANCEID=ctl-b"), "--nats", url)
 	ag := servertest.StartAgent(t, agent.Config{Server: b.base, Token: servertest.AgentToken, Control: controlEcho("the agent on B")})

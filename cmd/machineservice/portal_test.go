@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/servertest"
 )
 
@@ -17,9 +18,9 @@ import (
 func serveWithoutController(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
-	env := childEnv("MESSAGING__SUBJECTPREFIX="+uniquePrefix(t), "ENVIRONMENT__STATUSREPORTINTERVALSECONDS=0")
+	env := childEnv("MESSAGING__SUBJECTPREFIX="+natstest.Prefix(t, "mscmd"), "ENVIRONMENT__STATUSREPORTINTERVALSECONDS=0")
 	c := startChild(t, dir, env, "serve", "--dev", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-		"--nats", natsURL(t), "--dev-key-file", filepath.Join(dir, "key.pem"))
+		"--nats", natstest.URL(t), "--dev-key-file", filepath.Join(dir, "key.pem"))
 	t.Cleanup(func() {
 		select {
 		case <-c.done:

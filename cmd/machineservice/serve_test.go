@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -24,6 +23,8 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/machineservice/machineservice/internal/natstest"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -91,24 +92,6 @@ func raceEnabled() bool {
 	return false
 }
 
-// syncBuffer collects a child's output while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // isolatedSettings replace defaults that every process on the machine
 // shares (the metrics address 127.0.0.1:9091, the production control
 // socket), so that a server a test starts does not collide with another
@@ -165,8 +148,8 @@ func freeAddr(t *testing.T) string {
 type child struct {
 	t      *testing.T
 	cmd    *exec.Cmd
-	stdout syncBuffer
-	stderr syncBuffer
+	stdout testlog.Buffer
+	stderr testlog.Buffer
 	done   chan struct{} // closed when it has exited
 	err    error         // Wait's result, after done
 }
@@ -476,7 +459,7 @@ func TestServeProduction(t *testing.T) {
 		dir := t.TempDir()
 		addr := freeAddr(t)
 		c := startChild(t, dir, append(env, "AUTH__TOKENSFILE="+examplesTokens(t), "ENVIRONMENT__ISPROD=true",
-			"MESSAGING__CONNECTIONSTRING="+natsURL(t), "MESSAGING__SUBJECTPREFIX=serve-prod-"+strconv.Itoa(os.Getpid())), "serve", "--listen", addr)
+			"MESSAGING__CONNECTIONSTRING="+natstest.URL(t), "MESSAGING__SUBJECTPREFIX=serve-prod-"+strconv.Itoa(os.Getpid())), "serve", "--listen", addr)
 		c.waitHealthy(addr)
 		cert := certificates(t, addr)[0]
 		if cert.PublicKeyHash != hash {

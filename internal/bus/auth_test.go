@@ -10,6 +10,7 @@ import (
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/wire"
@@ -22,7 +23,7 @@ func keys(m map[string]any) []string {
 // TestAuthExternalController authenticates agents and portals through a
 // controller that knows only the subjects and their JSON.
 func TestAuthExternalController(t *testing.T) {
-	url, pfx := natsURL(t), prefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mstest")
 	ec := startController(t, url, pfx)
 	in := startInstance(t, url, pfx, "instance-a", registry.NewMemory(0, nil), instanceOpts{})
 
@@ -96,7 +97,7 @@ func TestAuthExternalController(t *testing.T) {
 // once, counted as a timeout failure. The controller timeout is longer
 // than the test client waits for the answer.
 func TestAuthNoResponders(t *testing.T) {
-	url, pfx := natsURL(t), prefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mstest")
 	in := startInstance(t, url, pfx, "instance-a", registry.NewMemory(0, nil), instanceOpts{
 		cfg: func(c *config.Config) { c.ControllerTimeout = time.Minute },
 	})
@@ -116,7 +117,7 @@ func TestAuthNoResponders(t *testing.T) {
 // TestAuthLateReply: a controller that answers after the deadline is not
 // heard; its late answer does not become the answer to a later request.
 func TestAuthLateReply(t *testing.T) {
-	url, pfx := natsURL(t), prefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mstest")
 	ec := startController(t, url, pfx)
 	release := make(chan struct{})
 	lateSent := make(chan struct{})
@@ -160,7 +161,7 @@ func TestAuthLateReply(t *testing.T) {
 // TestBuiltinControllerOnBus: the built-in controller answers on the bus
 // in the contract's shapes, and an instance authenticates through it.
 func TestBuiltinControllerOnBus(t *testing.T) {
-	url, pfx := natsURL(t), prefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mstest")
 	st, err := controller.NewStatic(controller.TokensFile{
 		Agents:  []controller.AgentToken{{Token: agentA1, OrganizationID: orgA, RegisteredAgentID: "reg-a1", Expires: time.Date(2035, 1, 1, 0, 0, 0, 0, time.UTC), NewToken: "next"}},
 		Portals: []controller.PortalToken{{Token: portalA, OrganizationID: orgA, SubOrganizations: []string{orgSub}, Expires: time.Date(2035, 1, 1, 0, 0, 0, 0, time.UTC)}},

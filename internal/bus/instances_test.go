@@ -15,6 +15,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
@@ -32,7 +33,7 @@ type pair struct {
 
 func startPair(t *testing.T, url string, oa instanceOpts) *pair {
 	t.Helper()
-	p := &pair{url: url, pfx: prefix(t), reg: registry.NewMemory(0, nil)}
+	p := &pair{url: url, pfx: natstest.Prefix(t, "mstest"), reg: registry.NewMemory(0, nil)}
 	p.ctrl = startController(t, url, p.pfx)
 	p.a = startInstance(t, url, p.pfx, "instance-a", p.reg, oa)
 	p.b = startInstance(t, url, p.pfx, "instance-b", p.reg, instanceOpts{})
@@ -76,7 +77,7 @@ func controlRequest(t *testing.T, nc *nats.Conn, pfx string, req bus.ControlRequ
 // answerControl reads the control message an agent gets and answers it.
 func answerControl(t *testing.T, agent *testclient.Conn, wantCommand string) {
 	t.Helper()
-	env := next(t, agent, wire.TypeControl)
+	env := testclient.Next(t, agent, wire.TypeControl)
 	var req wire.ControlRequest
 	if err := env.DecodePayload(&req); err != nil {
 		t.Fatal(err)
@@ -95,9 +96,9 @@ func str(s string) *string { return &s }
 // TestControlAcrossInstances: the controller's control requests reach an
 // agent whichever instance takes them, and the answer comes back.
 func TestControlAcrossInstances(t *testing.T) {
-	url := natsURL(t)
+	url := natstest.URL(t)
 	counting := &countingRegistry{}
-	p := &pair{url: url, pfx: prefix(t), reg: registry.NewMemory(0, nil)}
+	p := &pair{url: url, pfx: natstest.Prefix(t, "mstest"), reg: registry.NewMemory(0, nil)}
 	counting.Registry = p.reg
 	p.ctrl = startController(t, url, p.pfx)
 	p.a = startInstance(t, url, p.pfx, "instance-a", p.reg, instanceOpts{reg: counting})
@@ -172,13 +173,13 @@ func TestControlAcrossInstances(t *testing.T) {
 // instance and an agent on the other, both ways, with the organization
 // checks of one instance.
 func TestRelayAcrossInstances(t *testing.T) {
-	p := startPair(t, natsURL(t), instanceOpts{})
+	p := startPair(t, natstest.URL(t), instanceOpts{})
 
 	roundTrip := func(t *testing.T, portal, agent *testclient.Conn) {
 		t.Helper()
 		cmd := testclient.Message(wire.TypeCommand, agent.ClientID, wire.CommandRequest{Method: "GET", Path: "/api/v1/serverstate"})
 		portal.Send(cmd)
-		got := next(t, agent, wire.TypeCommand)
+		got := testclient.Next(t, agent, wire.TypeCommand)
 		if got.From != portal.ClientID || got.MessageID != cmd.MessageID {
 			t.Fatalf("agent got command from %q id %q", got.From, got.MessageID)
 		}
@@ -190,7 +191,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		answer := testclient.Message(wire.TypeCommand, portal.ClientID, wire.CommandResponse{StatusCode: 200, Body: &body})
 		answer.MessageID = cmd.MessageID
 		agent.Send(answer)
-		back := next(t, portal, wire.TypeCommand)
+		back := testclient.Next(t, portal, wire.TypeCommand)
 		var resp wire.CommandResponse
 		if back.From != agent.ClientID || back.MessageID != cmd.MessageID || back.DecodePayload(&resp) != nil || resp.StatusCode != 200 || *resp.Body != body {
 			t.Fatalf("portal got %+v", back)
@@ -226,7 +227,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		for _, payload := range []string{`"opaque.jwe.payload.that.is.not.json"`, `{"method":"GET","path":"/x"}`} {
 			cmd := &wire.Envelope{Type: wire.TypeCommand, To: agent.ClientID, Payload: json.RawMessage(payload)}
 			portal.Send(cmd)
-			got := next(t, agent, wire.TypeCommand)
+			got := testclient.Next(t, agent, wire.TypeCommand)
 			if got.MessageID != cmd.MessageID || string(got.Payload) != payload {
 				t.Fatalf("payload %s arrived as %s", payload, got.Payload)
 			}
@@ -260,7 +261,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 		portal := p.a.authedPortal(portalA, false)
 		cmd := testclient.Message(wire.TypeCommand, "no-such-client", nil)
 		portal.Send(cmd)
-		got := next(t, portal, wire.TypeCommand)
+		got := testclient.Next(t, portal, wire.TypeCommand)
 		if got.MessageID != cmd.MessageID || got.ErrorMessage != wire.TextDestinationNotAvailable {
 			t.Fatalf("got %+v", got)
 		}
@@ -270,7 +271,7 @@ func TestRelayAcrossInstances(t *testing.T) {
 // TestListPushAcrossInstances: a portal hears of agents that connect and
 // disconnect on another instance.
 func TestListPushAcrossInstances(t *testing.T) {
-	p := startPair(t, natsURL(t), instanceOpts{})
+	p := startPair(t, natstest.URL(t), instanceOpts{})
 	portal := p.a.authedPortal(portalA, false)
 	other := p.a.authedPortal(portalB, false)
 	if l := list(t, portal); len(l) != 0 {
@@ -280,7 +281,7 @@ func TestListPushAcrossInstances(t *testing.T) {
 	waitList := func(what string, want func([]wire.ClientRegistration) bool) {
 		t.Helper()
 		for {
-			env := next(t, portal, wire.TypeList)
+			env := testclient.Next(t, portal, wire.TypeList)
 			if want(testclient.DecodeList(t, env)) {
 				return
 			}
@@ -346,7 +347,7 @@ func (ev *events) find(subject string, match func(map[string]any) bool) []map[st
 // TestEventsOnSubjects watches the activity, certificate and list events
 // on their subjects.
 func TestEventsOnSubjects(t *testing.T) {
-	url, pfx := natsURL(t), prefix(t)
+	url, pfx := natstest.URL(t), natstest.Prefix(t, "mstest")
 	startController(t, url, pfx)
 	ev := subscribeEvents(t, rawConn(t, url), pfx)
 	in := startInstance(t, url, pfx, "instance-a", registry.NewMemory(0, nil), instanceOpts{})
@@ -402,7 +403,7 @@ func TestEventsOnSubjects(t *testing.T) {
 // starts a new one on the same port: meanwhile auth fails at once and
 // local relay goes on; afterwards everything works again by itself.
 func TestNATSRestart(t *testing.T) {
-	ns := embedded(t, -1)
+	ns := natstest.Start(t, -1)
 	url := ns.ClientURL()
 	port := ns.Addr().(*net.TCPAddr).Port
 	p := startPair(t, url, instanceOpts{})
@@ -424,16 +425,16 @@ func TestNATSRestart(t *testing.T) {
 	}
 	cmd := testclient.Message(wire.TypeCommand, agent.ClientID, nil)
 	portal.Send(cmd)
-	if got := next(t, agent, wire.TypeCommand); got.MessageID != cmd.MessageID {
+	if got := testclient.Next(t, agent, wire.TypeCommand); got.MessageID != cmd.MessageID {
 		t.Fatalf("local relay while NATS is down: %+v", got)
 	}
 	cmd = testclient.Message(wire.TypeCommand, remote.ClientID, nil)
 	portal.Send(cmd)
-	if got := next(t, portal, wire.TypeCommand); got.ErrorMessage != wire.TextDestinationNotAvailable {
+	if got := testclient.Next(t, portal, wire.TypeCommand); got.ErrorMessage != wire.TextDestinationNotAvailable {
 		t.Fatalf("relay to the other instance while NATS is down: %+v", got)
 	}
 
-	embedded(t, port)
+	natstest.Start(t, port)
 	waitFor(t, "both instances to reconnect", func() bool {
 		return p.a.bus.Ready(context.Background()) == nil && p.b.bus.Ready(context.Background()) == nil
 	})
@@ -442,7 +443,7 @@ func TestNATSRestart(t *testing.T) {
 	})
 	cmd = testclient.Message(wire.TypeCommand, remote.ClientID, nil)
 	portal.Send(cmd)
-	if got := next(t, remote, wire.TypeCommand); got.MessageID != cmd.MessageID || got.From != portal.ClientID {
+	if got := testclient.Next(t, remote, wire.TypeCommand); got.MessageID != cmd.MessageID || got.From != portal.ClientID {
 		t.Fatalf("relay to the other instance after the restart: %+v", got)
 	}
 }
@@ -451,8 +452,8 @@ func TestNATSRestart(t *testing.T) {
 // as soon as the connection to NATS drops, not at the controller
 // deadline (here longer than the test client waits).
 func TestAuthFailsWhenNATSDrops(t *testing.T) {
-	ns := embedded(t, -1)
-	url, pfx := ns.ClientURL(), prefix(t)
+	ns := natstest.Start(t, -1)
+	url, pfx := ns.ClientURL(), natstest.Prefix(t, "mstest")
 	ec := startController(t, url, pfx)
 	asked := make(chan struct{})
 	release := make(chan struct{})

@@ -2,18 +2,12 @@ package bus_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
-	"log/slog"
-	"net"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/goleak"
 
@@ -21,8 +15,11 @@ import (
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -50,45 +47,6 @@ const (
 // serverKeyIndex is the testclient key both instances use.
 const serverKeyIndex = 0
 
-// natsURL returns the NATS server for a test: MACHINESERVICE_TEST_NATS
-// when set, else an embedded server that lives as long as the test.
-func natsURL(t *testing.T) string {
-	t.Helper()
-	if u := os.Getenv("MACHINESERVICE_TEST_NATS"); u != "" {
-		return u
-	}
-	return embedded(t, -1).ClientURL()
-}
-
-// embedded starts a NATS server on 127.0.0.1 (port -1: any free port).
-func embedded(t *testing.T, port int) *natsserver.Server {
-	t.Helper()
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: port, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatalf("nats server: %v", err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() {
-		ns.Shutdown()
-		ns.WaitForShutdown()
-	})
-	return ns
-}
-
-// prefix returns a subject prefix of its own for a test, so runs against
-// a shared server do not meet.
-func prefix(t *testing.T) string {
-	t.Helper()
-	b := make([]byte, 8)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "mstest." + hex.EncodeToString(b)
-}
-
 // dialBus connects a bus for a test, with quick reconnects.
 func dialBus(t *testing.T, url, pfx, name string, mod func(*bus.NATSOptions)) *bus.NATS {
 	t.Helper()
@@ -98,7 +56,7 @@ func dialBus(t *testing.T, url, pfx, name string, mod func(*bus.NATSOptions)) *b
 		Name:          name,
 		ReconnectMin:  10 * time.Millisecond,
 		ReconnectMax:  100 * time.Millisecond,
-		Logger:        testLogger(t).With("bus", name),
+		Logger:        testlog.New(t).With("bus", name),
 	}
 	if mod != nil {
 		mod(&o)
@@ -160,7 +118,7 @@ func startInstance(t *testing.T, url, pfx, id string, reg registry.Registry, o i
 		Events:      nb,
 		Remote:      nb,
 		Stats:       in.stats,
-		Logger:      testLogger(t).With("instance", id),
+		Logger:      testlog.New(t).With("instance", id),
 		Version:     "test",
 	})
 	if err != nil {
@@ -170,26 +128,14 @@ func startInstance(t *testing.T, url, pfx, id string, reg registry.Registry, o i
 	if err := nb.Attach(srv); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	in.base = "http://" + l.Addr().String()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
+	t.Cleanup(func() { // runs after the server's shutdown, registered below
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", id, err)
-		}
-		if err := <-done; err != server.ErrServerClosed {
-			t.Errorf("serve %s returned %v", id, err)
-		}
 		if err := nb.Close(ctx); err != nil {
 			t.Errorf("close bus of %s: %v", id, err)
 		}
 	})
+	in.base = servertest.Serve(t, id, srv)
 	return in
 }
 
@@ -334,73 +280,21 @@ func (ec *externalController) recorded() []recorded {
 	return append([]recorded(nil), ec.requests...)
 }
 
-// next reads c's next message of type typ, skipping the list pushes that
-// agents connecting anywhere cause.
-func next(t *testing.T, c *testclient.Conn, typ string) wire.Envelope {
-	t.Helper()
-	for {
-		env, err := c.Read()
-		if err != nil {
-			t.Fatalf("%s: waiting for %q: %v", c.Role, typ, err)
-		}
-		if env.Type == typ {
-			return env
-		}
-		if env.Type != wire.TypeList {
-			t.Fatalf("%s: got %q (%+v), want %q", c.Role, env.Type, env, typ)
-		}
-	}
-}
-
 // list asks for the list and returns the answer, skipping list pushes.
 func list(t *testing.T, c *testclient.Conn) []wire.ClientRegistration {
 	t.Helper()
 	req := testclient.Message(wire.TypeList, "MachineService", nil)
 	c.Send(req)
 	for {
-		env := next(t, c, wire.TypeList)
+		env := testclient.Next(t, c, wire.TypeList)
 		if env.MessageID == req.MessageID {
 			return testclient.DecodeList(t, env)
 		}
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or 15 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// testLogger logs through t.Log while the test runs.
-func testLogger(t *testing.T) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop)
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
+	testwait.For(t, what, 15*time.Second, cond)
 }

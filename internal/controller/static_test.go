@@ -7,11 +7,11 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/testclock"
 )
 
 const (
@@ -22,26 +22,6 @@ const (
 
 // epoch is the tests' "now".
 var epoch = time.Date(2030, 6, 1, 12, 0, 0, 0, time.UTC)
-
-// clock is a settable clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *clock { return &clock{t: epoch} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Set(t time.Time) {
-	c.mu.Lock()
-	c.t = t
-	c.mu.Unlock()
-}
 
 func testTokens() controller.TokensFile {
 	return controller.TokensFile{
@@ -68,7 +48,7 @@ func newStatic(t *testing.T, now func() time.Time) *controller.Static {
 
 func TestStaticAgent(t *testing.T) {
 	ctx := context.Background()
-	s := newStatic(t, newClock().Now)
+	s := newStatic(t, testclock.New(epoch).Now)
 	tests := []struct {
 		token string
 		want  controller.Agent
@@ -100,7 +80,7 @@ func TestStaticAgent(t *testing.T) {
 
 func TestStaticPortal(t *testing.T) {
 	ctx := context.Background()
-	s := newStatic(t, newClock().Now)
+	s := newStatic(t, testclock.New(epoch).Now)
 	tests := []struct {
 		name    string
 		token   string
@@ -142,7 +122,7 @@ func TestStaticPortal(t *testing.T) {
 
 func TestStaticExpiry(t *testing.T) {
 	ctx := context.Background()
-	clk := newClock()
+	clk := testclock.New(epoch)
 	s := newStatic(t, clk.Now)
 
 	clk.Set(epoch.Add(time.Hour - time.Nanosecond))

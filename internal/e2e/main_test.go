@@ -3,42 +3,36 @@ package e2e_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"go.uber.org/goleak"
 
 	"github.com/machineservice/machineservice/agent"
 	"github.com/machineservice/machineservice/internal/bus"
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/natstest"
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
+	"github.com/machineservice/machineservice/internal/testlog"
 	"github.com/machineservice/machineservice/portal"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
-
-// envNATS names the NATS server the tests use instead of an embedded one.
-const envNATS = "MACHINESERVICE_TEST_NATS"
 
 // cluster is what the instances of one test share: a fresh, migrated
 // schema and a subject prefix of their own on one NATS server.
@@ -64,40 +58,7 @@ func newCluster(t *testing.T) *cluster {
 	if _, err := registry.Migrate(ctx, pool); err != nil {
 		t.Fatalf("migrate: %v", err)
 	}
-	return &cluster{t: t, conn: conn, nats: natsURL(t), prefix: subjectPrefix(t)}
-}
-
-// natsURL is MACHINESERVICE_TEST_NATS, or an embedded server that lives
-// as long as the test.
-func natsURL(t *testing.T) string {
-	t.Helper()
-	if u := os.Getenv(envNATS); u != "" {
-		return u
-	}
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatalf("nats server: %v", err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() {
-		ns.Shutdown()
-		ns.WaitForShutdown()
-	})
-	return ns.ClientURL()
-}
-
-// subjectPrefix keeps a test's subjects apart from every other run on a
-// shared NATS server.
-func subjectPrefix(t *testing.T) string {
-	t.Helper()
-	b := make([]byte, 8)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "mse2e." + hex.EncodeToString(b)
+	return &cluster{t: t, conn: conn, nats: natstest.URL(t), prefix: natstest.Prefix(t, "mse2e")}
 }
 
 // instance is one running server, wired as `machineservice serve` wires
@@ -137,7 +98,7 @@ func (c *cluster) startOn(id, conn string) *instance {
 	cfg.PublicURL = "ws://" + l.Addr().String()
 	cfg.ShutdownTimeout = 5 * time.Second
 	cfg.ControlTimeout = 10 * time.Second
-	log := servertest.Logger(t).With("instance", id)
+	log := testlog.New(t).With("instance", id)
 	in := &instance{id: id, base: "http://" + l.Addr().String(), url: cfg.PublicURL, stats: stats.New()}
 
 	ctx := context.Background()
@@ -210,18 +171,7 @@ func (c *cluster) startOn(id, conn string) *instance {
 	if err := nb.Attach(srv); err != nil {
 		t.Fatalf("%s: attach to the bus: %v", id, err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(sctx); err != nil {
-			t.Errorf("%s: shutdown: %v", id, err)
-		}
-		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
-			t.Errorf("%s: serve returned %v", id, err)
-		}
-	})
+	servertest.ServeOn(t, id, srv, l)
 	return in
 }
 

@@ -2,9 +2,10 @@ package protect
 
 import (
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/machineservice/machineservice/internal/testclock"
 )
 
 func TestRateKeyGroupsIPv6By64(t *testing.T) {
@@ -27,26 +28,9 @@ func TestRateKeyGroupsIPv6By64(t *testing.T) {
 	}
 }
 
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 func TestLimitersShareA64AndForgetIdleOnes(t *testing.T) {
-	clk := &fakeClock{t: time.Unix(1_000_000, 0)}
-	l := newLimiters(2, clk.now)
+	clk := testclock.New(time.Unix(1_000_000, 0))
+	l := newLimiters(2, clk.Now)
 	a, b := netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8::2")
 	if !l.allow(a) || !l.allow(b) {
 		t.Fatal("the first two requests of the /64 were refused")
@@ -57,11 +41,11 @@ func TestLimitersShareA64AndForgetIdleOnes(t *testing.T) {
 	if !l.allow(netip.MustParseAddr("2001:db8:0:1::1")) {
 		t.Fatal("another /64 was limited")
 	}
-	clk.advance(500 * time.Millisecond)
+	clk.Advance(500 * time.Millisecond)
 	if !l.allow(a) || l.allow(a) {
 		t.Fatal("half a second should give back one token")
 	}
-	clk.advance(limiterSweepEvery)
+	clk.Advance(limiterSweepEvery)
 	l.allow(netip.MustParseAddr("192.0.2.9")) // sweeps
 	l.mu.Lock()
 	n := len(l.buckets)

@@ -3,11 +3,9 @@ package protect_test
 import (
 	"context"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,29 +18,14 @@ import (
 	"github.com/machineservice/machineservice/internal/server"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testclock"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
-}
-
-// clock is the rate limiter's clock, moved by hand.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
 }
 
 // env is a real server behind a Guard, on a random loopback port.
@@ -51,7 +34,7 @@ type env struct {
 	srv   *server.Server
 	guard *protect.Guard
 	stats *stats.Stats
-	clock *clock
+	clock *testclock.Clock // the rate limiter's clock
 	port  string
 }
 
@@ -71,10 +54,8 @@ func start(t *testing.T, vars map[string]string) *env {
 	cfg := mustConfig(t, vars)
 	cfg.InstanceID = "test-instance"
 	cfg.ShutdownTimeout = 5 * time.Second
-	e := &env{t: t, stats: stats.New(), clock: &clock{t: time.Now()}}
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop) // runs after the server's shutdown below
-	log := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	e := &env{t: t, stats: stats.New(), clock: testclock.New(time.Now())}
+	log := testlog.New(t) // its cleanup runs after the server's shutdown below
 	ctx, cancel := context.WithCancel(context.Background())
 	var err error
 	e.guard, err = protect.New(ctx, cfg, protect.Deps{Logger: log, Stats: e.stats, Now: e.clock.Now})
@@ -192,36 +173,8 @@ func (e *env) remoteIPs() []string {
 	return out
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or 10 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// testWriter logs through t.Log until the test ends.
-type testWriter struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
+	testwait.For(t, what, 10*time.Second, cond)
 }

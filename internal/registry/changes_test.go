@@ -11,6 +11,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -37,7 +38,7 @@ func (c *changes) all() []string {
 func (c *changes) waitForOrgs(t *testing.T, want ...string) {
 	t.Helper()
 	slices.Sort(want)
-	waitFor(t, "organizations "+strings.Join(want, ",")+" reported", 10*time.Second, func() bool {
+	testwait.For(t, "organizations "+strings.Join(want, ",")+" reported", 10*time.Second, func() bool {
 		got := c.all()
 		for _, o := range got {
 			if !slices.Contains(want, o) {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -185,7 +186,7 @@ func TestPostgresConflictAfterOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	px.Restore()
-	waitFor(t, "the list after the outage", 10*time.Second, func() bool {
+	testwait.For(t, "the list after the outage", 10*time.Second, func() bool {
 		_, err := cut.Agents(ctx, []string{orgA})
 		return err == nil
 	})
@@ -202,7 +203,7 @@ func TestPostgresConflictAfterOutage(t *testing.T) {
 	// A few more heartbeats: the dropped entry is not written again.
 	var last time.Time
 	for range 3 {
-		waitFor(t, "a heartbeat", 10*time.Second, func() bool {
+		testwait.For(t, "a heartbeat", 10*time.Second, func() bool {
 			var hb time.Time
 			if err := pool.QueryRow(ctx, `SELECT heartbeat FROM instances WHERE instance_id = 'cut'`).Scan(&hb); err != nil {
 				t.Fatal(err)

@@ -3,8 +3,6 @@ package registry_test
 import (
 	"context"
 	"log/slog"
-	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +14,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testlog"
 )
 
 func TestMain(m *testing.M) {
@@ -30,24 +29,6 @@ const testDatabaseEnv = pgtest.Env
 func freshSchema(t *testing.T) (string, string) {
 	t.Helper()
 	return pgtest.Schema(t)
-}
-
-// withHost points a connection string at another address.
-func withHost(t *testing.T, conn, hostport string) string {
-	t.Helper()
-	host, port, err := net.SplitHostPort(hostport)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !pgtest.IsURL(conn) {
-		return conn + " host=" + host + " port=" + port // the last value wins
-	}
-	u, err := url.Parse(conn)
-	if err != nil {
-		t.Fatalf("%s: %v", testDatabaseEnv, err)
-	}
-	u.Host = hostport
-	return u.String()
 }
 
 // parseConn reads a connection string as pgx does.
@@ -86,7 +67,7 @@ func migratedPool(t *testing.T) (*pgxpool.Pool, string) {
 func newPostgres(t *testing.T, pool *pgxpool.Pool, o registry.PostgresOptions) *registry.Postgres {
 	t.Helper()
 	if o.Logger == nil {
-		o.Logger = testLogger(t)
+		o.Logger = testlog.New(t)
 	}
 	r, err := registry.NewPostgres(context.Background(), pool, o)
 	if err != nil {
@@ -118,46 +99,6 @@ func exec(t *testing.T, pool *pgxpool.Pool, sql string, args ...any) {
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// testLogger logs through t.Log while the test runs.
-func testLogger(t *testing.T) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop)
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct {
-	mu   sync.Mutex
-	t    *testing.T
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
-}
-
 // logRecorder is a logger that logs through t.Log and counts the
 // messages, so that a test can tell what the registry reported.
 type logRecorder struct {
@@ -167,7 +108,7 @@ type logRecorder struct {
 }
 
 func recordLogs(t *testing.T) (*slog.Logger, *logRecorder) {
-	r := &logRecorder{Handler: testLogger(t).Handler(), mu: &sync.Mutex{}, msgs: new([]string)}
+	r := &logRecorder{Handler: testlog.New(t).Handler(), mu: &sync.Mutex{}, msgs: new([]string)}
 	return slog.New(r), r
 }
 

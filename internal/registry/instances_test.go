@@ -2,13 +2,8 @@ package registry_test
 
 import (
 	"context"
-	"errors"
-	"io"
-	"net"
 	"sort"
-	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,10 +13,14 @@ import (
 
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/controller"
+	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -62,7 +61,7 @@ func startInstance(t *testing.T, conn, id string) *instance {
 	kctx, kill := context.WithCancel(context.Background())
 	t.Cleanup(kill)
 	inst := &instance{t: t, id: id, url: "wss://" + id + ".example", pool: pool, stats: stats.New(), kill: kill}
-	log := testLogger(t).With("instance", id)
+	log := testlog.New(t).With("instance", id)
 	// The server is made after the registry, as serve does.
 	var agentsChanged atomic.Pointer[func([]string)]
 	reg, err := registry.NewPostgres(kctx, pool, registry.PostgresOptions{
@@ -124,23 +123,7 @@ func startInstance(t *testing.T, conn, id string) *instance {
 	inst.srv = srv
 	f := srv.AgentsChanged
 	agentsChanged.Store(&f)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	inst.base = "http://" + l.Addr().String()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", id, err)
-		}
-		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
-			t.Errorf("serve %s returned %v", id, err)
-		}
-	})
+	inst.base = servertest.Serve(t, id, srv)
 	return inst
 }
 
@@ -241,7 +224,7 @@ func TestTwoInstances(t *testing.T) {
 
 	portalA := a.portal()
 	agentB := b.agent(1, agentToken1)
-	waitFor(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
+	testwait.For(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
 	regs, _ := list(t, portalA)
 	r := regs[0]
 	if r.GatewayID != b.id || r.MachineServerURI != b.url || r.OrganizationID != orgA ||
@@ -253,8 +236,8 @@ func TestTwoInstances(t *testing.T) {
 	agentA := a.agent(2, agentToken2)
 	portalB := b.portal()
 	both := sortedIDs(agentA, agentB)
-	waitFor(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
-	waitFor(t, "both agents listed on B", 10*time.Second, func() bool { return listed(t, portalB) == both })
+	testwait.For(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
+	testwait.For(t, "both agents listed on B", 10*time.Second, func() bool { return listed(t, portalB) == both })
 	regs, _ = list(t, portalB)
 	for _, r := range regs {
 		want := map[string]string{agentA.ClientID: a.id, agentB.ClientID: b.id}[r.ClientID]
@@ -264,8 +247,8 @@ func TestTwoInstances(t *testing.T) {
 	}
 
 	hangUp(t, agentB)
-	waitFor(t, "the agent on B gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == agentA.ClientID })
-	waitFor(t, "its unregister in the history", 10*time.Second, func() bool {
+	testwait.For(t, "the agent on B gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == agentA.ClientID })
+	testwait.For(t, "its unregister in the history", 10*time.Second, func() bool {
 		return count(t, a.pool, `SELECT count(*) FROM client_history WHERE event = 'unregister'
 			AND client_id = $1 AND instance_id = $2 AND bytes_in > 0 AND bytes_out > 0`, agentB.ClientID, b.id) == 1
 	})
@@ -281,13 +264,13 @@ func TestKilledInstance(t *testing.T) {
 
 	portalA := a.portal()
 	agentB := b.agent(1, agentToken1)
-	waitFor(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
+	testwait.For(t, "the agent on B listed on A", 10*time.Second, func() bool { return listed(t, portalA) == agentB.ClientID })
 
 	b.kill()
 	killed := time.Now()
-	waitFor(t, "the killed instance's agent gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
+	testwait.For(t, "the killed instance's agent gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
 	t.Logf("unlisted %v after the kill (instance window %v)", time.Since(killed).Round(10*time.Millisecond), testInstanceWindow)
-	waitFor(t, "the killed instance's rows reaped", 10*time.Second, func() bool {
+	testwait.For(t, "the killed instance's rows reaped", 10*time.Second, func() bool {
 		return count(t, a.pool, `SELECT count(*) FROM clients WHERE instance_id = $1`, b.id) == 0 &&
 			count(t, a.pool, `SELECT count(*) FROM instances WHERE instance_id = $1`, b.id) == 0
 	})
@@ -310,7 +293,7 @@ func TestKilledInstancePushesList(t *testing.T) {
 	agentB := b.agent(1, agentToken1)
 	portalA := a.portal()
 	both := sortedIDs(agentA, agentB)
-	waitFor(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
+	testwait.For(t, "both agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == both })
 
 	b.kill()
 	// Pushes from the agents' arrival may still be on their way (pushes
@@ -335,20 +318,19 @@ func TestKilledInstancePushesList(t *testing.T) {
 // listed again while the one that left during the outage is not.
 func TestDatabaseOutage(t *testing.T) {
 	_, conn := migratedPool(t)
-	pc := parseConn(t, conn)
-	px := startProxy(t, net.JoinHostPort(pc.Host, strconv.Itoa(int(pc.Port))))
+	px, proxied := pgtest.StartProxy(t, conn)
 	a := startInstance(t, conn, "instance-a")
-	b := startInstance(t, withHost(t, conn, px.addr()), "instance-b")
+	b := startInstance(t, proxied, "instance-b")
 
 	portalA := a.portal()
 	portalB := b.portal()
 	agent1 := b.agent(1, agentToken1)
 	agent3 := b.agent(3, agentToken3)
 	before := sortedIDs(agent1, agent3)
-	waitFor(t, "B's agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == before })
+	testwait.For(t, "B's agents listed on A", 10*time.Second, func() bool { return listed(t, portalA) == before })
 
-	px.cut()
-	waitFor(t, "B's list to fail", 10*time.Second, func() bool {
+	px.Cut()
+	testwait.For(t, "B's list to fail", 10*time.Second, func() bool {
 		return listed(t, portalB) == "error: "+wire.TextRegistryUnavailable
 	})
 
@@ -373,12 +355,12 @@ func TestDatabaseOutage(t *testing.T) {
 	}
 	// A stops listing B's clients once B's heartbeat is older than the
 	// window and reaps them, so everything must be written back.
-	waitFor(t, "B's agents gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
+	testwait.For(t, "B's agents gone from A's list", 10*time.Second, func() bool { return listed(t, portalA) == "" })
 
-	px.restore()
+	px.Restore()
 	after := sortedIDs(agent1, agent2)
-	waitFor(t, "B's agents listed on A again", 10*time.Second, func() bool { return listed(t, portalA) == after })
-	waitFor(t, "B's list to work again", 10*time.Second, func() bool { return listed(t, portalB) == after })
+	testwait.For(t, "B's agents listed on A again", 10*time.Second, func() bool { return listed(t, portalA) == after })
+	testwait.For(t, "B's list to work again", 10*time.Second, func() bool { return listed(t, portalB) == after })
 	regs, _ := list(t, portalA)
 	for _, r := range regs {
 		if r.GatewayID != b.id || r.MachineServerURI != b.url {
@@ -394,107 +376,4 @@ func TestDatabaseOutage(t *testing.T) {
 	if n := count(t, a.pool, `SELECT count(*) FROM client_history WHERE event = 'register' AND client_id = $1`, agent2.ClientID); n != 1 {
 		t.Fatalf("%d register events for the agent that came during the outage, want 1", n)
 	}
-}
-
-// proxy is a TCP proxy to the database that the test can cut.
-type proxy struct {
-	t      *testing.T
-	l      net.Listener
-	target string
-	wg     sync.WaitGroup
-
-	mu    sync.Mutex
-	down  bool
-	conns map[net.Conn]struct{}
-}
-
-func startProxy(t *testing.T, target string) *proxy {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{t: t, l: l, target: target, conns: map[net.Conn]struct{}{}}
-	p.wg.Go(p.accept)
-	t.Cleanup(func() {
-		_ = l.Close() // ends accept
-		p.cut()
-		p.wg.Wait()
-	})
-	return p
-}
-
-func (p *proxy) addr() string { return p.l.Addr().String() }
-
-func (p *proxy) accept() {
-	for {
-		c, err := p.l.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		down := p.down
-		p.mu.Unlock()
-		if down {
-			_ = c.Close() // refused while cut
-			continue
-		}
-		p.wg.Go(func() { p.pipe(c) })
-	}
-}
-
-func (p *proxy) pipe(c net.Conn) {
-	up, err := net.DialTimeout("tcp", p.target, 5*time.Second)
-	if err != nil {
-		_ = c.Close()
-		return
-	}
-	if !p.track(c, up) {
-		return
-	}
-	var wg sync.WaitGroup
-	for _, pair := range [][2]net.Conn{{c, up}, {up, c}} {
-		wg.Go(func() {
-			_, _ = io.Copy(pair[1], pair[0]) // ends when either side closes
-			_ = pair[0].Close()
-			_ = pair[1].Close()
-		})
-	}
-	wg.Wait()
-	p.mu.Lock()
-	delete(p.conns, c)
-	delete(p.conns, up)
-	p.mu.Unlock()
-}
-
-func (p *proxy) track(cs ...net.Conn) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.down {
-		for _, c := range cs {
-			_ = c.Close()
-		}
-		return false
-	}
-	for _, c := range cs {
-		p.conns[c] = struct{}{}
-	}
-	return true
-}
-
-// cut closes every proxied connection and refuses new ones.
-func (p *proxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.down = true
-	for c := range p.conns {
-		_ = c.Close()
-	}
-}
-
-// restore lets connections through again.
-func (p *proxy) restore() {
-	p.mu.Lock()
-	p.down = false
-	p.mu.Unlock()
 }

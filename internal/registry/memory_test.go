@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testclock"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -18,29 +19,11 @@ const (
 
 var epoch = time.Date(2030, 6, 1, 12, 0, 0, 0, time.UTC)
 
-// clock is a settable clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 const timeout = 5 * time.Minute
 
-func newMemory(t *testing.T) (*registry.Memory, *clock) {
+func newMemory(t *testing.T) (*registry.Memory, *testclock.Clock) {
 	t.Helper()
-	clk := &clock{t: epoch}
+	clk := testclock.New(epoch)
 	return registry.NewMemory(timeout, clk.Now), clk
 }
 
@@ -241,7 +224,7 @@ func TestMemoryTimeout(t *testing.T) {
 }
 
 func TestMemoryDefaultTimeout(t *testing.T) {
-	clk := &clock{t: epoch}
+	clk := testclock.New(epoch)
 	m := registry.NewMemory(0, clk.Now)
 	register(t, m, agent("a1", orgA, "c1"))
 	clk.Advance(registry.DefaultClientTimeout - time.Second)

@@ -412,110 +412,74 @@ func (p *Postgres) UnregisterTraffic(ctx context.Context, clientID, organization
 // fails with an error wrapping ErrUnavailable rather than answer a list
 // that misses clients.
 func (p *Postgres) Agents(ctx context.Context, organizationIDs []string) ([]Client, error) {
-	if err := p.listable(); err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
-		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
-		WHERE c.organization_id = ANY($1) AND c.client_type = $2
-		  AND c.last_updated > now() - $3 * interval '1 second'
-		  AND i.heartbeat > now() - $4 * interval '1 second'
+	return p.fresh(ctx, "list agents", `c.organization_id = ANY($3) AND c.client_type = $4
 		ORDER BY c.organization_id, c.client_id`,
-		organizationIDs, int(wire.ClientTypeAgent), p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
-	if err != nil {
-		return nil, p.failed("list agents", err)
-	}
-	out, err := pgx.CollectRows(rows, scanClient)
-	if err != nil {
-		return nil, p.failed("list agents", err)
-	}
-	return out, nil
+		organizationIDs, int(wire.ClientTypeAgent))
 }
 
 // Lookup returns the fresh entry of a client in one of the organizations,
 // preferring them in the order given.
 func (p *Postgres) Lookup(ctx context.Context, clientID string, organizationIDs []string) (Client, bool, error) {
-	if err := p.listable(); err != nil {
-		return Client{}, false, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
-		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
-		WHERE c.client_id = $1 AND c.organization_id = ANY($2)
-		  AND c.last_updated > now() - $3 * interval '1 second'
-		  AND i.heartbeat > now() - $4 * interval '1 second'
-		ORDER BY array_position($2, c.organization_id)
-		LIMIT 1`,
-		clientID, organizationIDs, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
-	if err != nil {
-		return Client{}, false, p.failed("lookup", err)
-	}
-	c, err := pgx.CollectExactlyOneRow(rows, scanClient)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return Client{}, false, nil
-	}
-	if err != nil {
-		return Client{}, false, p.failed("lookup", err)
-	}
-	return c, true, nil
+	return p.freshOne(ctx, "lookup", `c.client_id = $3 AND c.organization_id = ANY($4)
+		ORDER BY array_position($4, c.organization_id)`,
+		clientID, organizationIDs)
 }
 
 // LookupAgent returns the newest fresh entry of the agent with a
 // registered agent id, in organizationID when it is not empty.
 func (p *Postgres) LookupAgent(ctx context.Context, registeredAgentID, organizationID string) (Client, bool, error) {
-	if err := p.listable(); err != nil {
-		return Client{}, false, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
-	defer cancel()
-	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
-		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
-		WHERE c.machine_registration_id = $1 AND c.client_type = $2
-		  AND ($3 = '' OR c.organization_id = $3)
-		  AND c.last_updated > now() - $4 * interval '1 second'
-		  AND i.heartbeat > now() - $5 * interval '1 second'
-		ORDER BY c.last_updated DESC
-		LIMIT 1`,
-		registeredAgentID, int(wire.ClientTypeAgent), organizationID, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
-	if err != nil {
-		return Client{}, false, p.failed("lookup agent", err)
-	}
-	c, err := pgx.CollectExactlyOneRow(rows, scanClient)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return Client{}, false, nil
-	}
-	if err != nil {
-		return Client{}, false, p.failed("lookup agent", err)
-	}
-	return c, true, nil
+	return p.freshOne(ctx, "lookup agent", `c.machine_registration_id = $3 AND c.client_type = $4
+		  AND ($5 = '' OR c.organization_id = $5)
+		ORDER BY c.last_updated DESC`,
+		registeredAgentID, int(wire.ClientTypeAgent), organizationID)
 }
 
 // Locate returns the fresh entries of a client id in every organization,
 // ordered by organization.
 func (p *Postgres) Locate(ctx context.Context, clientID string) ([]Client, error) {
+	return p.fresh(ctx, "locate", `c.client_id = $3
+		ORDER BY c.organization_id`,
+		clientID)
+}
+
+// freshClients selects the entries refreshed within the client timeout
+// ($1, in seconds) whose instance's heartbeat is within the instance
+// timeout ($2): the others belong to clients or instances that are gone.
+const freshClients = `SELECT ` + clientColumns + `
+	FROM clients c JOIN instances i ON i.instance_id = c.instance_id
+	WHERE c.last_updated > now() - $1 * interval '1 second'
+	  AND i.heartbeat > now() - $2 * interval '1 second'`
+
+// fresh runs freshClients narrowed by cond, whose parameters are args
+// numbered from $3, and names op in its errors.
+func (p *Postgres) fresh(ctx context.Context, op, cond string, args ...any) ([]Client, error) {
 	if err := p.listable(); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
 	defer cancel()
-	rows, err := p.pool.Query(ctx, `SELECT `+clientColumns+`
-		FROM clients c JOIN instances i ON i.instance_id = c.instance_id
-		WHERE c.client_id = $1
-		  AND c.last_updated > now() - $2 * interval '1 second'
-		  AND i.heartbeat > now() - $3 * interval '1 second'
-		ORDER BY c.organization_id`,
-		clientID, p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds())
+	args = append([]any{p.opts.ClientTimeout.Seconds(), p.opts.InstanceTimeout.Seconds()}, args...)
+	rows, err := p.pool.Query(ctx, freshClients+`
+	  AND `+cond, args...)
 	if err != nil {
-		return nil, p.failed("locate", err)
+		return nil, p.failed(op, err)
 	}
 	out, err := pgx.CollectRows(rows, scanClient)
 	if err != nil {
-		return nil, p.failed("locate", err)
+		return nil, p.failed(op, err)
 	}
 	return out, nil
+}
+
+// freshOne is fresh for the first entry only; an empty answer is not an
+// error but reports false.
+func (p *Postgres) freshOne(ctx context.Context, op, cond string, args ...any) (Client, bool, error) {
+	cs, err := p.fresh(ctx, op, cond+`
+		LIMIT 1`, args...)
+	if err != nil || len(cs) == 0 {
+		return Client{}, false, err
+	}
+	return cs[0], true, nil
 }
 
 const clientColumns = `c.client_id, c.organization_id, c.client_type, c.connection_id, c.instance_id,

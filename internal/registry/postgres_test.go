@@ -13,6 +13,8 @@ import (
 	"github.com/machineservice/machineservice/internal/config"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/stats"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -317,10 +319,10 @@ func TestStatisticsPersisted(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		st.Run(ctx, testLogger(t), 0, 50*time.Millisecond, registry.StatisticsExporter(pool, "one", time.Second))
+		st.Run(ctx, testlog.New(t), 0, 50*time.Millisecond, registry.StatisticsExporter(pool, "one", time.Second))
 	}()
 	defer func() { cancel(); <-done }()
-	waitFor(t, "a statistics row with the counts", 10*time.Second, func() bool {
+	testwait.For(t, "a statistics row with the counts", 10*time.Second, func() bool {
 		return count(t, pool, `SELECT count(*) FROM statistics WHERE instance_id = 'one'
 			AND (counters->>'AuthClientSuccess')::int = 2 AND (counters->>'ListCommandSuccess')::int = 1`) == 1
 	})

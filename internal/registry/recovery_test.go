@@ -9,6 +9,8 @@ import (
 
 	"github.com/machineservice/machineservice/internal/pgtest"
 	"github.com/machineservice/machineservice/internal/registry"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 )
 
 // TestPostgresRecoveryOfManyClients cuts an instance with many clients
@@ -49,7 +51,7 @@ func TestPostgresRecoveryOfManyClients(t *testing.T) {
 
 	px.Restore()
 	restored := time.Now()
-	waitFor(t, "the list after the outage", 60*time.Second, func() bool {
+	testwait.For(t, "the list after the outage", 60*time.Second, func() bool {
 		_, err := r.Agents(ctx, []string{orgA})
 		return err == nil
 	})
@@ -79,7 +81,7 @@ func TestPostgresCloseAfterOutage(t *testing.T) {
 	ctx := context.Background()
 	px, viaProxy := pgtest.StartProxy(t, conn)
 	r, err := registry.NewPostgres(ctx, openPool(t, viaProxy), registry.PostgresOptions{
-		InstanceID: "closing", HeartbeatInterval: time.Hour, Timeout: 2 * time.Second, Logger: testLogger(t),
+		InstanceID: "closing", HeartbeatInterval: time.Hour, Timeout: 2 * time.Second, Logger: testlog.New(t),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -95,7 +96,7 @@ func BenchmarkIdleAgentMemory(b *testing.B) {
 		if !ready {
 			b.Fatal("client process did not get ready")
 		}
-		waitForB(b, func() bool { return e.stats.Get(stats.AuthClientSuccess) >= clients })
+		testwait.For(b, "the clients to authenticate", 2*time.Minute, func() bool { return e.stats.Get(stats.AuthClientSuccess) >= clients })
 		afterHeap, afterStack := serverMemory()
 		b.ReportMetric(float64(afterHeap+afterStack-beforeHeap-beforeStack)/clients, "bytes/conn")
 		b.ReportMetric(float64(afterHeap-beforeHeap)/clients, "heap-bytes/conn")
@@ -121,16 +122,6 @@ func serverMemory() (heap, stack uint64) {
 	}
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse, m.StackInuse
-}
-
-func waitForB(b *testing.B, cond func() bool) {
-	deadline := time.Now().Add(2 * time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			b.Fatal("timed out")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // BenchmarkAgentCommandRelay measures a portal command relayed to an agent

@@ -244,7 +244,7 @@ func spkiPEM(t *testing.T, key *rsa.PublicKey) string {
 func ping(t *testing.T, c *testclient.Conn) wire.Envelope {
 	t.Helper()
 	c.Send(testclient.Message(wire.TypePing, "server", nil))
-	return expectSkippingLists(t, c, wire.TypePong)
+	return testclient.Next(t, c, wire.TypePong)
 }
 
 // closes returns how many connections closed for the named reason.
@@ -262,24 +262,6 @@ func list(t *testing.T, p *testclient.Conn) []wire.ClientRegistration {
 		env := p.Expect(wire.TypeList)
 		if env.MessageID == req.MessageID {
 			return testclient.DecodeList(t, env)
-		}
-	}
-}
-
-// expectSkippingLists reads the next message of type typ, skipping lists
-// the server pushes when agents come and go.
-func expectSkippingLists(t *testing.T, c *testclient.Conn, typ string) wire.Envelope {
-	t.Helper()
-	for {
-		env, err := c.Read()
-		if err != nil {
-			t.Fatalf("%s: waiting for %q: %v", c.Role, typ, err)
-		}
-		if env.Type == typ {
-			return env
-		}
-		if env.Type != wire.TypeList {
-			t.Fatalf("%s: got %q (%+v), want %q", c.Role, env.Type, env, typ)
 		}
 	}
 }

@@ -197,7 +197,7 @@ func TestTokenExpiry(t *testing.T) {
 	e.clock.Advance(2 * time.Minute)
 	for _, c := range []*testclient.Conn{a, p} {
 		c.Send(testclient.Message(wire.TypePing, "server", nil))
-		w := expectSkippingLists(t, c, wire.TypeWarning)
+		w := testclient.Next(t, c, wire.TypeWarning)
 		if w.ErrorMessage != wire.TextTokenExpired || w.To != c.ClientID {
 			t.Fatalf("%s warning %+v", c.Role, w)
 		}
@@ -381,7 +381,7 @@ func TestStatistics(t *testing.T) {
 	p.Send(cmd)
 	a.Expect(wire.TypeCommand)
 	p.Send(command("nobody", nil))
-	expectSkippingLists(t, p, wire.TypeCommand)
+	testclient.Next(t, p, wire.TypeCommand)
 
 	want := map[stats.Counter]int64{
 		stats.AuthClientSuccess:                   1,

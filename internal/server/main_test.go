@@ -1,9 +1,7 @@
 package server_test
 
 import (
-	"context"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -15,8 +13,12 @@ import (
 	"github.com/machineservice/machineservice/internal/controller"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/servertest"
 	"github.com/machineservice/machineservice/internal/stats"
 	"github.com/machineservice/machineservice/internal/testclient"
+	"github.com/machineservice/machineservice/internal/testclock"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 )
 
 func TestMain(m *testing.M) {
@@ -44,31 +46,13 @@ const (
 // serverKeyIndex is the testclient key the server uses; agents use others.
 const serverKeyIndex = 0
 
-// clock is a settable clock for token expiry.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // env is one running test server.
 type env struct {
 	t      testing.TB
 	srv    *server.Server
 	cfg    *config.Config
-	base   string // http://127.0.0.1:port
-	clock  *clock
+	base   string           // http://127.0.0.1:port
+	clock  *testclock.Clock // moves token expiry and the registry's timeouts
 	events *bus.Local
 	stats  *stats.Stats
 
@@ -106,7 +90,7 @@ func tokens(now func() time.Time) *controller.Static {
 // start runs a server on a random loopback port until the test ends.
 func start(t *testing.T, opts ...option) *env {
 	t.Helper()
-	return startTB(t, testLogger(t), opts...)
+	return startTB(t, testlog.New(t), opts...)
 }
 
 // startBench is start for benchmarks, which log nothing.
@@ -124,7 +108,7 @@ func startTB(t testing.TB, log *slog.Logger, opts ...option) *env {
 	cfg.InstanceID = "test-instance"
 	cfg.MachineName = "test-machine"
 	cfg.ShutdownTimeout = 5 * time.Second
-	e := &env{t: t, cfg: cfg, clock: &clock{t: time.Now()}, stats: stats.New()}
+	e := &env{t: t, cfg: cfg, clock: testclock.New(time.Now()), stats: stats.New()}
 	e.events = bus.NewLocal(nil)
 	e.events.OnActivity(func(a bus.AgentActivity) {
 		e.mu.Lock()
@@ -152,23 +136,7 @@ func startTB(t testing.TB, log *slog.Logger, opts ...option) *env {
 		t.Fatal(err)
 	}
 	e.srv = srv
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.base = "http://" + l.Addr().String()
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; err != server.ErrServerClosed {
-			t.Errorf("serve returned %v", err)
-		}
-	})
+	e.base = servertest.Serve(t, "", srv)
 	return e
 }
 
@@ -195,14 +163,8 @@ func (e *env) activities() []bus.AgentActivity {
 	return append([]bus.AgentActivity(nil), e.activity...)
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or 10 seconds pass.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.For(t, what, 10*time.Second, cond)
 }

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,6 +19,8 @@ import (
 	"github.com/machineservice/machineservice/internal/controller"
 	"github.com/machineservice/machineservice/internal/registry"
 	"github.com/machineservice/machineservice/internal/server"
+	"github.com/machineservice/machineservice/internal/testlog"
+	"github.com/machineservice/machineservice/internal/testwait"
 	"github.com/machineservice/machineservice/wire"
 )
 
@@ -101,7 +102,14 @@ func Start(t testing.TB, opts ...Option) *Server {
 // until the test ends.
 func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 	t.Helper()
-	s, err := Launch(addr, Logger(t), opts...)
+	return startOn(t, addr, nil, opts)
+}
+
+// startOn runs a server on addr and ctrl (nil: the static controller)
+// until the test ends.
+func startOn(t testing.TB, addr string, ctrl controller.Controller, opts []Option) *Server {
+	t.Helper()
+	s, err := launch(addr, testlog.New(t), ctrl, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,6 +124,10 @@ func StartAt(t testing.TB, addr string, opts ...Option) *Server {
 // Launch runs a server on addr until Stop, logging to log (nil: nowhere).
 // Tests use Start; Launch serves examples, which have no testing.T.
 func Launch(addr string, log *slog.Logger, opts ...Option) (*Server, error) {
+	return launch(addr, log, nil, opts)
+}
+
+func launch(addr string, log *slog.Logger, ctrl controller.Controller, opts []Option) (*Server, error) {
 	cfg, err := config.Load([]string{"--dev"}, func(string) string { return "" })
 	if err != nil {
 		return nil, err
@@ -126,9 +138,12 @@ func Launch(addr string, log *slog.Logger, opts ...Option) (*Server, error) {
 	for _, o := range opts {
 		o(cfg)
 	}
-	ctrl, err := controller.NewStatic(Tokens(), nil)
-	if err != nil {
-		return nil, err
+	if ctrl == nil {
+		st, err := controller.NewStatic(Tokens(), nil)
+		if err != nil {
+			return nil, err
+		}
+		ctrl = st
 	}
 	k, err := serverKey()
 	if err != nil {
@@ -189,39 +204,5 @@ func (s *Server) Stop() error {
 // WaitFor polls cond until it holds or 10 seconds pass.
 func WaitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// Logger logs through t.Log while the test runs.
-func Logger(t testing.TB) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(w.stop)
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct {
-	mu   sync.Mutex
-	t    testing.TB
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
+	testwait.For(t, what, 10*time.Second, cond)
 }

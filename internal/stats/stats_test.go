@@ -1,7 +1,6 @@
 package stats_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/machineservice/machineservice/internal/stats"
+	"github.com/machineservice/machineservice/internal/testlog"
 )
 
 // original are the counters of the original server, by name.
@@ -27,25 +27,6 @@ var original = []string{
 
 // waitFor is how long a test waits for something Run does.
 const waitFor = 10 * time.Second
-
-// syncBuffer is a log destination that Run's goroutine writes while the
-// test reads.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // run starts s.Run and returns a function that stops it and waits for it
 // to return.
@@ -264,7 +245,7 @@ func TestRunExportFailureKeepsCounts(t *testing.T) {
 	for range 3 {
 		s.Inc(stats.AuthClientSuccess)
 	}
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	calls := make(chan map[string]int64, 100)
 	var mu sync.Mutex
 	failures := 2
@@ -335,7 +316,7 @@ func TestRunStatusReport(t *testing.T) {
 	s.Opened()
 	s.Opened()
 	s.MessageReceived()
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	run(t, s, slog.New(slog.NewJSONHandler(logs, nil)), 5*time.Millisecond, 0, nil)
 
 	deadline := time.Now().Add(waitFor)
@@ -372,7 +353,7 @@ func TestRunStatusReport(t *testing.T) {
 func TestRunDefaultExporterLogs(t *testing.T) {
 	s := stats.New()
 	s.Inc(stats.RateLimitExceeded)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	run(t, s, slog.New(slog.NewTextHandler(logs, nil)), 0, 5*time.Millisecond, nil)
 
 	deadline := time.Now().Add(waitFor)
@@ -440,7 +421,7 @@ func TestRunFinalExport(t *testing.T) {
 func TestRunFinalExportFailureLogsCounts(t *testing.T) {
 	s := stats.New()
 	s.Inc(stats.ListFailure)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	stop := run(t, s, slog.New(slog.NewTextHandler(logs, nil)), 0, time.Hour, func(context.Context, time.Time, map[string]int64) error {
 		return errors.New("store unavailable")
 	})
@@ -456,7 +437,7 @@ func TestRunFinalExportFailureLogsCounts(t *testing.T) {
 func TestRunNoFinalExportWhenExportsAreOff(t *testing.T) {
 	s := stats.New()
 	s.Inc(stats.ListFailure)
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	stop := run(t, s, slog.New(slog.NewTextHandler(logs, nil)), time.Hour, 0, nil)
 	stop()
 	if out := logs.String(); strings.Contains(out, "statistics") {

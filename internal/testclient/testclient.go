@@ -233,18 +233,25 @@ func (c *Conn) Expect(typ string) wire.Envelope {
 // agent whose auth answer came before. Any other message fails the test.
 func (c *Conn) Next(typ string) wire.Envelope {
 	c.t.Helper()
+	return Next(c.t, c, typ)
+}
+
+// Next is c.Next failing t instead of the test that dialed c, for a
+// subtest reading a connection of its parent's.
+func Next(t testing.TB, c *Conn, typ string) wire.Envelope {
+	t.Helper()
 	for {
 		env, err := c.Read()
 		if err != nil {
-			c.t.Fatalf("%s: waiting for %q: %v", c.Role, typ, err)
+			t.Fatalf("%s: waiting for %q: %v", c.Role, typ, err)
 		}
 		if env.Type == typ {
 			return env
 		}
 		if env.Type != wire.TypeList {
-			c.t.Fatalf("%s: got %q (%+v), want %q", c.Role, env.Type, env, typ)
+			t.Fatalf("%s: got %q (%+v), want %q", c.Role, env.Type, env, typ)
 		}
-		c.t.Logf("%s: skipped a pushed list while waiting for %q", c.Role, typ)
+		t.Logf("%s: skipped a pushed list while waiting for %q", c.Role, typ)
 	}
 }
 
