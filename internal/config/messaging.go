@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+
+	"github.com/machineservice/machineservice/internal/bus"
 )
 
 // validateMessaging checks the message bus settings.
@@ -18,7 +20,7 @@ func (c *Config) validateMessaging() []error {
 			}
 		}
 	}
-	if err := checkSubjectPrefix(c.MessagingSubjectPrefix); err != nil {
+	if err := bus.ValidSubjectPrefix(c.MessagingSubjectPrefix); err != nil {
 		errs = append(errs, fmt.Errorf("MESSAGING__SUBJECTPREFIX: %v", err))
 	}
 	return errs
@@ -37,23 +39,6 @@ func checkNATSURL(s string) error {
 	case "nats", "tls", "ws", "wss":
 	default:
 		return fmt.Errorf("has scheme %q %s", u.Scheme, want)
-	}
-	return nil
-}
-
-func checkSubjectPrefix(p string) error {
-	if p == "" {
-		return errors.New("must not be empty")
-	}
-	for tok := range strings.SplitSeq(p, ".") {
-		if tok == "" {
-			return fmt.Errorf("%q has an empty token", p)
-		}
-		for _, r := range tok {
-			if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '-' && r != '_' {
-				return fmt.Errorf("%q: %q is not allowed (letters, digits, '-' and '_', tokens separated by '.')", p, r)
-			}
-		}
 	}
 	return nil
 }
