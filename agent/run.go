@@ -309,32 +309,16 @@ func (s *session) authenticate() error {
 	return nil
 }
 
+// authErrors are this package's errors for a refused authentication.
+var authErrors = wsauth.Errors{Rejected: ErrAuthRejected, Unavailable: ErrAuthUnavailable}
+
 // refusal reads the close frame that follows accepted:false and tells a
 // refused token from an authentication service that is unavailable.
-func (s *session) refusal() error {
-	return refusalError(wsauth.ReadRefusal(s.ws))
-}
+func (s *session) refusal() error { return authErrors.Read(s.ws) }
 
 // closeRefusal explains a close frame that ends an authentication, or
 // gives nil for any other error.
-func closeRefusal(err error) error {
-	why, ce, ok := wsauth.FromClose(err)
-	if !ok {
-		return nil
-	}
-	return refusalError(why, ce)
-}
-
-func refusalError(why wsauth.Refusal, ce *websocket.CloseError) error {
-	base := ErrAuthRejected
-	if why == wsauth.Unavailable {
-		base = ErrAuthUnavailable
-	}
-	if ce == nil {
-		return base
-	}
-	return fmt.Errorf("%w: %d %s", base, ce.Code, ce.Text)
-}
+func closeRefusal(err error) error { return authErrors.FromClose(err) }
 
 // read reads the next message: a JWE to the agent's key, or a JWS signed
 // by the server key (what the server sends an agent whose key it does not

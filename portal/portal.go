@@ -255,32 +255,16 @@ func (c *Client) handshake() error {
 	}
 }
 
+// authErrors are this package's errors for a refused authentication.
+var authErrors = wsauth.Errors{Rejected: ErrAuthRejected, Unavailable: ErrAuthUnavailable}
+
 // refusal reads the close frame that follows accepted:false and tells a
 // refused token from an authentication service that is unavailable.
-func (c *Client) refusal() error {
-	return refusalError(wsauth.ReadRefusal(c.ws))
-}
+func (c *Client) refusal() error { return authErrors.Read(c.ws) }
 
 // closeRefusal explains a close frame that ends an authentication, or
 // gives nil for any other error.
-func closeRefusal(err error) error {
-	why, ce, ok := wsauth.FromClose(err)
-	if !ok {
-		return nil
-	}
-	return refusalError(why, ce)
-}
-
-func refusalError(why wsauth.Refusal, ce *websocket.CloseError) error {
-	base := ErrAuthRejected
-	if why == wsauth.Unavailable {
-		base = ErrAuthUnavailable
-	}
-	if ce == nil {
-		return base
-	}
-	return fmt.Errorf("%w: %d %s", base, ce.Code, ce.Text)
-}
+func closeRefusal(err error) error { return authErrors.FromClose(err) }
 
 // keepalive arms the idle timer for the read loop: the read deadline is
 // pushed back by every frame, pings and pongs included. It runs before

@@ -103,11 +103,9 @@ func (p *process) stop(t *testing.T) {
 
 var listening = regexp.MustCompile(`msg="machineservice listening" addr=(\S+)`)
 
-// startServer runs the server in development mode with the test tokens and
-// returns its base URL.
-func startServer(t *testing.T) string {
+// writeTokens writes the test tokens as a tokens file in dir.
+func writeTokens(t *testing.T, dir string) string {
 	t.Helper()
-	dir := t.TempDir()
 	tokens := filepath.Join(dir, "tokens.json")
 	data, err := json.Marshal(servertest.Tokens())
 	if err != nil {
@@ -116,6 +114,15 @@ func startServer(t *testing.T) string {
 	if err := os.WriteFile(tokens, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	return tokens
+}
+
+// startServer runs the server in development mode with the test tokens and
+// returns its base URL.
+func startServer(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	tokens := writeTokens(t, dir)
 	p := start(t, "serve", "--dev", "--listen", "127.0.0.1:0", "--tokens", tokens, "--dev-key-file", filepath.Join(dir, "key.pem"))
 	var base string
 	servertest.WaitFor(t, "the server to listen", func() bool {

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"io"
 	"net"
 	"net/http"
@@ -50,14 +49,7 @@ type served struct {
 func runServe(t *testing.T, env []string, args ...string) *served {
 	t.Helper()
 	dir := t.TempDir()
-	tokens := filepath.Join(dir, "tokens.json")
-	data, err := json.Marshal(servertest.Tokens())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(tokens, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	tokens := writeTokens(t, dir)
 	keyFile := filepath.Join(dir, "key.pem")
 	if err := os.WriteFile(keyFile, wire.EncodePrivateKey(servertest.Key(t)), 0o600); err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ package wsauth
 
 import (
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -58,4 +59,37 @@ func FromClose(err error) (why Refusal, ce *websocket.CloseError, ok bool) {
 		return Rejected, ce, true
 	}
 	return Rejected, nil, false
+}
+
+// Errors are a client package's own errors for the two refusals.
+type Errors struct {
+	Rejected    error
+	Unavailable error
+}
+
+// Read reads the close frame that follows accepted:false (see
+// ReadRefusal) and returns the matching error.
+func (e Errors) Read(ws *websocket.Conn) error {
+	return e.of(ReadRefusal(ws))
+}
+
+// FromClose explains a close frame that ends an authentication with the
+// matching error, or gives nil for any other error.
+func (e Errors) FromClose(err error) error {
+	why, ce, ok := FromClose(err)
+	if !ok {
+		return nil
+	}
+	return e.of(why, ce)
+}
+
+func (e Errors) of(why Refusal, ce *websocket.CloseError) error {
+	base := e.Rejected
+	if why == Unavailable {
+		base = e.Unavailable
+	}
+	if ce == nil {
+		return base
+	}
+	return fmt.Errorf("%w: %d %s", base, ce.Code, ce.Text)
 }
